@@ -1,0 +1,212 @@
+"""The surgery loop: host adapter -> attention sites -> spec -> seed -> replace -> report."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import fields, replace
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .errors import SpecError, UnsupportedModelError
+from .hosts import AttentionSite, AttentionWeights, HostAdapter, adapter_for
+from .init.svd import relative_error
+from .modeling.attention_build import build_attention
+from .modeling.attention_linear import LinearAttention
+from .report import ConversionReport, LayerReport
+from .seed import effective_kv_weights, seed_attention
+from .specs import AttentionSpec, spec_to_dict
+
+LINEAR_RELATIVE_NOTE = (
+    "linear attention drops the additive relative-position term (Transformer-XL matrices b+d), "
+    "which a kernel feature map cannot carry; the content-query bias pos_bias_u is kept"
+)
+
+
+def convert(
+    model: nn.Module,
+    spec: AttentionSpec,
+    layers: Sequence[int] | None = None,
+    targets: Sequence[str] | None = None,
+    calibration: Iterable[dict] | None = None,
+    progress: bool = False,
+) -> ConversionReport:
+    """Replace the multi-head attention of ``model`` in place, seeded from its trained weights.
+
+    ``layers`` limits the conversion to those layer indices; ``targets`` picks attention roles
+    where a host has several (e.g. Whisper's decoder self-attention vs cross-attention).
+    ``calibration`` is an iterable of model-input dicts (e.g. ``{"input_values": ...}``); when
+    given, the report also holds the K/V errors measured on those real activations.
+    Afterwards the model is an ordinary HF model of the converted class: ``save_pretrained``
+    writes the spec into ``config.json`` and the modeling code next to the weights.
+    """
+    started = time.perf_counter()
+    adapter = adapter_for(model)
+    if adapter.is_converted(model):
+        raise UnsupportedModelError("this model is already converted; convert the original model instead")
+    roles = _resolve_roles(adapter, targets)
+    sites = adapter.sites(model, roles)
+    if layers is not None:
+        wanted = set(layers)
+        unknown = wanted - {site.layer_index for site in sites}
+        if unknown:
+            raise SpecError(f"no attention layer(s) {sorted(unknown)} in this model (it has {len(sites)})")
+        sites = [site for site in sites if site.layer_index in wanted]
+    if not sites:
+        raise UnsupportedModelError(f"no {'/'.join(roles)} attention left to convert in this model")
+
+    config = model.config
+    parameter = next(model.parameters())
+    dtype, device = parameter.dtype, parameter.device
+    layer_spec = spec.layer_dict()
+    report = ConversionReport(
+        model_type=config.model_type, spec=spec_to_dict(spec), dtype=str(dtype).replace("torch.", "")
+    )
+    captured = _capture_site_inputs(model, adapter, sites, calibration) if calibration is not None else None
+    if captured is not None:
+        report.calibration_batches = len(next(iter(captured.values()), []))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    layer_specs: dict[str, dict] = {}
+    position_modes: set[str] = set()
+
+    for site in tqdm(sites, desc="converting attention", unit="layer", disable=not progress):
+        weights = adapter.read_weights(site, config)
+        spec.validate(weights.geometry.hidden_size, weights.geometry.num_heads)
+        position_modes.add(weights.position_mode)
+        with torch.device("meta"):
+            replacement = adapter.build_module(config, layer_spec, site)
+        replacement.to_empty(device="cpu")
+        replacement.float()
+        attention = adapter.attention_of(replacement)
+        seed_attention(attention, _float_weights(weights))
+        layer = _layer_report(site, attention, weights, itemsize)
+        if captured is not None:
+            layer.k_activation_error, layer.v_activation_error = _activation_errors(
+                attention, weights, captured[site.path], config
+            )
+        replacement.to(device=device, dtype=dtype)
+        replacement.train(site.module.training)
+        parent_path, _, name = site.path.rpartition(".")
+        setattr(adapter.base_model(model).get_submodule(parent_path), name, replacement)
+        layer_specs[site.path] = dict(layer_spec)
+        report.layers.append(layer)
+
+    if spec.attention == "linear" and "relative" in position_modes:
+        report.approximations.append(LINEAR_RELATIVE_NOTE)
+    adapter.mark_converted(
+        model,
+        {
+            "format_version": 1,
+            "toolkit": f"mla_convert {__version__}",
+            "host": adapter.name,
+            "spec": spec_to_dict(spec),
+            "layers": layer_specs,
+            "approximations": report.approximations,
+        },
+    )
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def check_request(
+    adapter: HostAdapter, config, spec: AttentionSpec, layers: Sequence[int] | None, targets: Sequence[str] | None
+) -> None:
+    """Everything about a request that can be checked from the config alone, before any weights load."""
+    roles = _resolve_roles(adapter, targets)
+    for role in roles:
+        spec.validate(*adapter.geometry(config, role))
+    if layers is not None:
+        count = max(adapter.layer_count(config, role) for role in roles)
+        unknown = sorted(set(layers) - set(range(count)))
+        if unknown:
+            raise SpecError(f"no attention layer(s) {unknown} in this model (it has {count})")
+
+
+def _resolve_roles(adapter: HostAdapter, targets: Sequence[str] | None) -> tuple[str, ...]:
+    if targets is None:
+        return adapter.default_roles
+    unknown = [target for target in targets if target not in adapter.roles]
+    if unknown:
+        raise SpecError(f"unknown target(s) {unknown} for {adapter.name}; choose from {', '.join(adapter.roles)}")
+    return tuple(targets)
+
+
+def _float_weights(weights: AttentionWeights) -> AttentionWeights:
+    """A float32 CPU copy of the trained tensors (seeding math runs in float64/float32)."""
+    changes = {
+        f.name: getattr(weights, f.name).detach().to("cpu", torch.float32)
+        for f in fields(weights)
+        if isinstance(getattr(weights, f.name), torch.Tensor)
+    }
+    return replace(weights, **changes)
+
+
+def _layer_report(site: AttentionSite, attention, weights, itemsize: int) -> LayerReport:
+    k_map, v_map = effective_kv_weights(attention)
+    hidden = weights.geometry.hidden_size
+    fixed = attention.fixed_state_values() if isinstance(attention, LinearAttention) else 0
+    return LayerReport(
+        path=site.path,
+        role=site.role,
+        attention=attention.variant,
+        k_weight_error=relative_error(k_map, weights.k_weight.float()),
+        v_weight_error=relative_error(v_map, weights.v_weight.float()),
+        state_bytes_per_frame_before=2 * hidden * itemsize,
+        state_bytes_per_frame_after=attention.state_values_per_token() * itemsize,
+        fixed_state_bytes_after=fixed * itemsize,
+    )
+
+
+@torch.no_grad()
+def _capture_site_inputs(model, adapter: HostAdapter, sites, calibration) -> dict[str, list]:
+    """Run the *original* model on the calibration batches and keep each site's K/V input."""
+    captured: dict[str, list] = {site.path: [] for site in sites}
+    hooks = []
+    for site in sites:
+
+        def hook(module, args, kwargs, site=site):
+            states, positions = adapter.site_inputs(site, args, kwargs)
+            positions = None if positions is None else positions.detach().float().cpu()
+            captured[site.path].append((states.detach().float().cpu(), positions))
+
+        hooks.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in calibration:
+            model(**batch)
+    finally:
+        for handle in hooks:
+            handle.remove()
+        model.train(was_training)
+    return captured
+
+
+@torch.no_grad()
+def _activation_errors(attention, weights, inputs, config) -> tuple[float, float]:
+    """Relative K and V errors on real layer inputs, against the original projections."""
+    reference = build_attention(
+        {"attention": "gqa", "kv_heads": weights.geometry.num_heads},
+        weights.geometry,
+        weights.position_mode,
+        config,
+    )
+    seed_attention(reference, weights)
+    sums = torch.zeros(4, dtype=torch.float64)
+    for states, positions in inputs:
+        key, value = attention.key_value(states, positions)
+        ref_key, ref_value = reference.key_value(states, positions)
+        key = key.repeat_interleave(ref_key.shape[1] // key.shape[1], dim=1)
+        value = value.repeat_interleave(ref_value.shape[1] // value.shape[1], dim=1)
+        sums += torch.stack(
+            [
+                (key - ref_key).pow(2).sum(),
+                ref_key.pow(2).sum(),
+                (value - ref_value).pow(2).sum(),
+                ref_value.pow(2).sum(),
+            ]
+        ).double()
+    return float((sums[0] / sums[1]).sqrt()), float((sums[2] / sums[3]).sqrt())

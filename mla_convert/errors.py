@@ -1,0 +1,17 @@
+"""Errors the CLI reports as one line (no traceback): bad input, not bugs."""
+
+
+class MlaConvertError(Exception):
+    """Base class: anything the user can fix by changing the command."""
+
+
+class SpecError(MlaConvertError, ValueError):
+    """The requested conversion does not fit the model (latent too large, heads not divisible...)."""
+
+
+class UnsupportedModelError(MlaConvertError):
+    """No host adapter knows this architecture, or it has no attention we can convert."""
+
+
+class ModelNotFoundError(MlaConvertError):
+    """A model id that is neither a local directory nor reachable on the Hub."""

@@ -1,0 +1,1 @@
+"""How new attention weights are seeded from trained ones: pure tensor functions."""

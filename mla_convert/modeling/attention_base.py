@@ -1,0 +1,215 @@
+"""The part every converted attention shares: queries, output projection, positions, dispatch.
+
+A variant (MLA, GQA, linear) only decides what is kept per token for keys and values (its
+*state*: the thing a cache stores) and how keys and values are rebuilt from it. Everything else
+(query projection, relative/rotary positions, masks, the choice of attention kernel) is here once,
+so no attention math is repeated between variants or between host models.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .attention_positions import POSITION_MODES, relative_position_scores, rotate_input
+
+StateUpdate = Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]
+
+
+@dataclass
+class AttentionGeometry:
+    """Shapes and bias layout of the attention being replaced (read off the trained module)."""
+
+    hidden_size: int
+    num_heads: int
+    q_bias: bool = True
+    k_bias: bool = True
+    v_bias: bool = True
+    o_bias: bool = True
+    # Whisper multiplies the projected query by the scale before the dot product instead of
+    # scaling the scores; keeping the order keeps conversions at full rank bit-for-bit faithful.
+    scale_query: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    position_bias: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference softmax attention; accepts fewer K/V heads than query heads (GQA)."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if position_bias is not None:
+        scores = scores + position_bias
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask[..., : key.shape[2]]
+    weights = nn.functional.softmax(scores, dim=-1)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+def key_padding_mask(attention_mask: torch.Tensor | None, key_length: int) -> torch.Tensor | None:
+    """``[B, Tk]`` bool (True = real key) from a 4-D boolean or additive attention mask."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, 0, :, :key_length]
+    visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    return visible.any(dim=1)
+
+
+class ConvertedAttention(nn.Module, ABC):
+    """Base class of the attention variants; subclasses define the per-token K/V state.
+
+    ``forward`` returns ``(output, attention_weights_or_None)`` like the host modules it replaces.
+    ``state_update`` lets a host plug in its cache: it receives the state of the new tokens and
+    returns the state of all tokens so far (for MLA that is the latent, so the cache holds d_c
+    values per token, never the expanded keys and values).
+    """
+
+    variant: str = ""
+
+    def __init__(
+        self,
+        geometry: AttentionGeometry,
+        position_mode: str,
+        config=None,
+        is_causal: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if position_mode not in POSITION_MODES:
+            raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {position_mode!r}")
+        hidden = geometry.hidden_size
+        self.geometry = geometry
+        self.config = config
+        self.position_mode = position_mode
+        self.num_heads = geometry.num_heads
+        self.head_dim = geometry.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = is_causal
+        self.dropout = dropout
+        self.num_key_value_groups = 1
+        self.q_proj = nn.Linear(hidden, hidden, bias=geometry.q_bias)
+        self.out_proj = nn.Linear(hidden, hidden, bias=geometry.o_bias)
+        if position_mode == "relative":
+            self.pos_proj = nn.Linear(hidden, hidden, bias=False)
+            self.pos_bias_u = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))
+            self.pos_bias_v = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))
+
+    # -- what a variant defines ---------------------------------------------------------------
+    @abstractmethod
+    def kv_state(self, kv_input: torch.Tensor, rotary: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """The per-token tensors kept for keys/values, each ``[B, *, T, *]``."""
+
+    @abstractmethod
+    def expand_state(
+        self, state: tuple[torch.Tensor, ...], rotary: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B, H_kv, T, d]`` rebuilt from the state."""
+
+    @abstractmethod
+    def state_values_per_token(self) -> int:
+        """How many numbers the state holds per token (per layer); the cache-size formula."""
+
+    # -- shared machinery ---------------------------------------------------------------------
+    def split_heads(self, states: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
+        batch, length, _ = states.shape
+        return states.view(batch, length, num_heads or self.num_heads, -1).transpose(1, 2)
+
+    def rotary_of(self, position_embeddings: torch.Tensor | None) -> torch.Tensor | None:
+        if self.position_mode != "rotary":
+            return None
+        if position_embeddings is None:
+            raise ValueError("rotary attention needs the rotary position embeddings")
+        return position_embeddings
+
+    def key_value(
+        self, kv_input: torch.Tensor, position_embeddings: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values this module attends to for ``kv_input`` (used to measure errors)."""
+        rotary = self.rotary_of(position_embeddings)
+        return self.expand_state(self.kv_state(kv_input, rotary), rotary)
+
+    def project_query(self, hidden_states: torch.Tensor, rotary: torch.Tensor | None) -> torch.Tensor:
+        query = self.q_proj(rotate_input(hidden_states, rotary, self.num_heads))
+        if self.geometry.scale_query:
+            query = query * self.scaling
+        return self.split_heads(query)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: torch.Tensor | None = None,
+        key_value_states: torch.Tensor | None = None,
+        state: tuple[torch.Tensor, ...] | None = None,
+        state_update: StateUpdate | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rotary = self.rotary_of(position_embeddings)
+        query = self.project_query(hidden_states, rotary)
+        if state is None:
+            kv_input = hidden_states if key_value_states is None else key_value_states
+            state = self.kv_state(kv_input, rotary)
+            if state_update is not None:
+                state = state_update(state)
+        output, weights = self.attend(query, state, attention_mask, position_embeddings, rotary, **kwargs)
+        output = output.reshape(*hidden_states.shape[:-1], -1)
+        return self.out_proj(output), weights
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        state: tuple[torch.Tensor, ...],
+        attention_mask: torch.Tensor | None,
+        position_embeddings: torch.Tensor | None,
+        rotary: torch.Tensor | None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Softmax attention over the keys/values rebuilt from ``state``; ``[B, T, H, d]`` out."""
+        key, value = self.expand_state(state, rotary)
+        position_bias = None
+        if self.position_mode == "relative":
+            position_bias = relative_position_scores(
+                query, position_embeddings, self.pos_proj, self.pos_bias_v, key.shape[2], self.scaling
+            )
+            query = query + self.pos_bias_u[None, :, None, :]
+        implementation = getattr(self.config, "_attn_implementation", None) or "eager"
+        attention = eager_attention if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+        kwargs.pop("output_attentions", None)
+        return attention(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.dropout if self.training else 0.0,
+            scaling=1.0 if self.geometry.scale_query else self.scaling,
+            position_bias=position_bias,
+            **kwargs,
+        )

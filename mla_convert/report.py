@@ -1,0 +1,90 @@
+"""Conversion reports: per-layer errors and K/V-state sizes, as JSON and as a printed table."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LayerReport:
+    path: str
+    role: str
+    attention: str
+    k_weight_error: float
+    v_weight_error: float
+    state_bytes_per_frame_before: int
+    state_bytes_per_frame_after: int
+    fixed_state_bytes_after: int = 0
+    k_activation_error: float | None = None
+    v_activation_error: float | None = None
+
+
+@dataclass
+class ConversionReport:
+    """What ``mla_convert.convert`` did; ``to_dict()`` is what ``conversion_report.json`` holds."""
+
+    model_type: str
+    spec: dict
+    dtype: str
+    layers: list[LayerReport] = field(default_factory=list)
+    approximations: list[str] = field(default_factory=list)
+    calibration_batches: int = 0
+    seconds: float = 0.0
+
+    @property
+    def state_bytes_per_frame_before(self) -> int:
+        return sum(layer.state_bytes_per_frame_before for layer in self.layers)
+
+    @property
+    def state_bytes_per_frame_after(self) -> int:
+        return sum(layer.state_bytes_per_frame_after for layer in self.layers)
+
+    @property
+    def state_ratio(self) -> float:
+        before = self.state_bytes_per_frame_before
+        return self.state_bytes_per_frame_after / before if before else 0.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["totals"] = {
+            "converted_layers": len(self.layers),
+            "state_bytes_per_frame_before": self.state_bytes_per_frame_before,
+            "state_bytes_per_frame_after": self.state_bytes_per_frame_after,
+            "state_ratio": self.state_ratio,
+            "fixed_state_bytes_after": sum(layer.fixed_state_bytes_after for layer in self.layers),
+        }
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def format_table(self) -> str:
+        with_activations = any(layer.k_activation_error is not None for layer in self.layers)
+        header = ["layer", "attention", "K err (W)", "V err (W)"]
+        if with_activations:
+            header += ["K err (act)", "V err (act)"]
+        header += ["bytes/frame before", "after"]
+        rows = [header]
+        for layer in self.layers:
+            row = [layer.path, layer.attention, f"{layer.k_weight_error:.4f}", f"{layer.v_weight_error:.4f}"]
+            if with_activations:
+                row += [_fmt(layer.k_activation_error), _fmt(layer.v_activation_error)]
+            row += [str(layer.state_bytes_per_frame_before), str(layer.state_bytes_per_frame_after)]
+            rows.append(row)
+        total = ["total", "", "", ""] + (["", ""] if with_activations else [])
+        total += [str(self.state_bytes_per_frame_before), str(self.state_bytes_per_frame_after)]
+        rows.append(total)
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * width for width in widths))
+        summary = (
+            f"K/V state per frame: {self.state_bytes_per_frame_before} -> {self.state_bytes_per_frame_after} bytes "
+            f"({100 * self.state_ratio:.1f}% of the original), {self.seconds:.1f} s"
+        )
+        notes = [f"note: {text}" for text in self.approximations]
+        return "\n".join([*lines, summary, *notes])
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -1,0 +1,105 @@
+"""What a conversion should produce: small validated config objects (torchao/PEFT style).
+
+A spec knows nothing about host models; ``validate`` checks it against the attention geometry it
+is applied to, and ``layer_dict`` is the plain dict stored per layer in the converted model's
+``config.json`` (the remote code rebuilds modules from that dict alone).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+from .errors import SpecError
+
+MLA_INITS = ("svd", "svd-split")
+GQA_INITS = ("mean-pool",)
+FEATURE_MAPS = ("elu", "relu")
+
+
+@dataclass(frozen=True)
+class MLASpec:
+    """Multi-head latent attention with a ``latent_dim``-wide K/V latent per token.
+
+    ``init="svd"`` seeds one latent shared by K and V from a truncated SVD of ``[W_k; W_v]``;
+    ``"svd-split"`` gives K and V ``latent_dim/2`` each from two separate SVDs (for comparison).
+    """
+
+    latent_dim: int
+    init: str = "svd"
+    attention: ClassVar[str] = "mla"
+
+    @property
+    def latent_layout(self) -> str:
+        return "split" if self.init == "svd-split" else "joint"
+
+    def validate(self, hidden_size: int, num_heads: int) -> None:
+        if self.init not in MLA_INITS:
+            raise SpecError(f"unknown MLA init {self.init!r}; choose one of {', '.join(MLA_INITS)}")
+        limit = hidden_size if self.latent_layout == "joint" else 2 * hidden_size
+        if not 0 < self.latent_dim <= limit:
+            raise SpecError(
+                f"latent_dim must be in 1..{limit} for a {self.latent_layout} latent of a "
+                f"hidden size {hidden_size} model (above that nothing is saved), got {self.latent_dim}"
+            )
+        if self.latent_layout == "split" and self.latent_dim % 2:
+            raise SpecError(f"--init svd-split needs an even latent_dim, got {self.latent_dim}")
+
+    def layer_dict(self) -> dict:
+        return {
+            "attention": "mla",
+            "latent_dim": self.latent_dim,
+            "latent_layout": self.latent_layout,
+            "init": self.init,
+        }
+
+
+@dataclass(frozen=True)
+class GQASpec:
+    """Grouped-query attention with ``kv_heads`` K/V heads, seeded by mean-pooling each group."""
+
+    kv_heads: int
+    init: str = "mean-pool"
+    attention: ClassVar[str] = "gqa"
+
+    def validate(self, hidden_size: int, num_heads: int) -> None:
+        if self.init not in GQA_INITS:
+            raise SpecError(f"unknown GQA init {self.init!r}; choose one of {', '.join(GQA_INITS)}")
+        if self.kv_heads <= 0 or num_heads % self.kv_heads:
+            raise SpecError(f"kv_heads must divide the {num_heads} attention heads, got {self.kv_heads}")
+
+    def layer_dict(self) -> dict:
+        return {"attention": "gqa", "kv_heads": self.kv_heads, "init": self.init}
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """Kernelised linear attention with feature map φ (``elu`` = elu+1); projections are kept."""
+
+    feature_map: str = "elu"
+    init: str = "copy"
+    attention: ClassVar[str] = "linear"
+
+    def validate(self, hidden_size: int, num_heads: int) -> None:
+        if self.feature_map not in FEATURE_MAPS:
+            raise SpecError(f"unknown feature map {self.feature_map!r}; choose one of {', '.join(FEATURE_MAPS)}")
+
+    def layer_dict(self) -> dict:
+        return {"attention": "linear", "feature_map": self.feature_map, "init": self.init}
+
+
+AttentionSpec = MLASpec | GQASpec | LinearSpec
+SPEC_CLASSES: dict[str, type] = {"mla": MLASpec, "gqa": GQASpec, "linear": LinearSpec}
+
+
+def spec_to_dict(spec: AttentionSpec) -> dict:
+    return {"attention": spec.attention, **asdict(spec)}
+
+
+def spec_from_dict(data: dict) -> AttentionSpec:
+    data = dict(data)
+    kind = data.pop("attention", None)
+    if kind not in SPEC_CLASSES:
+        raise SpecError(f"unknown attention kind {kind!r}; choose one of {', '.join(SPEC_CLASSES)}")
+    data.pop("latent_layout", None)
+    return SPEC_CLASSES[kind](**data)

@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny wav2vec2-conformer models built from a config in code (no Hub)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+LETTERS = ["<pad>", "<s>", "</s>", "<unk>", "|", *"ABCDEFGHIJKLMNOPQRSTUVWXYZ'"]
+
+
+def tiny_conformer_config(position_mode: str | None = "relative", **overrides):
+    from transformers import Wav2Vec2ConformerConfig
+
+    values = dict(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        vocab_size=len(LETTERS),
+        conv_dim=(32, 32),
+        conv_stride=(5, 4),
+        conv_kernel=(10, 4),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        conv_depthwise_kernel_size=7,
+        position_embeddings_type=position_mode,
+        pad_token_id=0,
+        # layer-norm feature encoder: group norm would mix padding into every frame's statistics
+        feat_extract_norm="layer",
+    )
+    values.update(overrides)
+    return Wav2Vec2ConformerConfig(**values)
+
+
+def tiny_conformer(position_mode: str | None = "relative", seed: int = 0, **overrides):
+    """A random-weight CTC model; position biases are randomised so they matter in the tests."""
+    from transformers import Wav2Vec2ConformerForCTC
+
+    torch.manual_seed(seed)
+    model = Wav2Vec2ConformerForCTC(tiny_conformer_config(position_mode, **overrides)).eval()
+    with torch.no_grad():
+        for layer in model.wav2vec2_conformer.encoder.layers:
+            for name in ("pos_bias_u", "pos_bias_v"):
+                if hasattr(layer.self_attn, name):
+                    getattr(layer.self_attn, name).normal_()
+    return model
+
+
+def save_processor(directory: Path) -> None:
+    from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = directory / "vocab.json"
+    vocab.write_text(json.dumps({token: index for index, token in enumerate(LETTERS)}))
+    tokenizer = Wav2Vec2CTCTokenizer(str(vocab))
+    extractor = Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=True
+    )
+    Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(directory)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_hf_modules(tmp_path_factory, monkeypatch):
+    """Remote code copied by trust_remote_code goes to a per-session temp dir, not ~/.cache."""
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path_factory.getbasetemp() / "hf_modules"))
+
+
+@pytest.fixture
+def audio_batch():
+    torch.manual_seed(1)
+    values = torch.randn(2, 8000)
+    mask = torch.ones(2, 8000, dtype=torch.long)
+    mask[1, 5000:] = 0
+    values[1, 5000:] = 0
+    return values, mask
+
+
+@pytest.fixture(scope="session")
+def saved_conformer(tmp_path_factory) -> Path:
+    """A tiny relative-position conformer saved with processor files, as a user would have."""
+    directory = tmp_path_factory.mktemp("original")
+    tiny_conformer("relative").save_pretrained(directory)
+    save_processor(directory)
+    return directory

@@ -10,7 +10,7 @@ from pathlib import Path
 from .convert import check_request, convert
 from .hosts import adapter_for_config
 from .io import atomic_output_dir, check_output_dir
-from .loading import load_config, load_pretrained
+from .loading import load_config, load_pretrained, resolve_model_id
 from .report import ConversionReport
 from .specs import AttentionSpec
 
@@ -53,6 +53,7 @@ def convert_checkpoint(
     renamed only when complete.
     """
     output = check_output_dir(output, overwrite)
+    model_id = resolve_model_id(model_id)
     config = load_config(model_id)
     check_request(adapter_for_config(config), config, spec, layers, targets)
     model = load_pretrained(model_id, config=config)

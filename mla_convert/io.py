@@ -32,6 +32,7 @@ def atomic_output_dir(output: str | Path, overwrite: bool = False) -> Iterator[P
     output = check_output_dir(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
     try:
         yield staging
         if output.exists():

@@ -50,8 +50,16 @@ def _looks_like_path(model_id: str) -> bool:
     return model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or "\\" in model_id
 
 
+def resolve_model_id(model_id: str) -> str:
+    """``bundled:NAME`` -> the local directory it is imported to (once); other ids unchanged."""
+    from .ct2 import resolve_bundled
+
+    return resolve_bundled(model_id)
+
+
 def load_config(model_id: str, **kwargs):
     """The config of a local directory or Hub id; a one-line ``ModelNotFoundError`` otherwise."""
+    model_id = resolve_model_id(model_id)
     path = Path(model_id).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -92,6 +100,7 @@ def model_class_for(config) -> type[PreTrainedModel]:
 
 def load_pretrained(model_id: str, config=None, **kwargs) -> PreTrainedModel:
     """Load a model for conversion, keeping the checkpoint's dtype."""
+    model_id = resolve_model_id(model_id)
     config = config or load_config(model_id)
     cls = model_class_for(config)
     local = Path(model_id).expanduser().exists()

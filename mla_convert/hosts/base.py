@@ -98,9 +98,7 @@ class HostAdapter(ABC):
         """The module that replaces ``site.module`` (it owns a ``ConvertedAttention``)."""
 
     @abstractmethod
-    def site_inputs(
-        self, site: AttentionSite, args: tuple, kwargs: dict
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def site_inputs(self, site: AttentionSite, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(kv_input, position_embeddings)`` from a forward call of ``site.module``."""
 
     def attention_of(self, replacement: nn.Module) -> ConvertedAttention:

@@ -10,7 +10,9 @@ dropped; the content-query bias ``pos_bias_u`` is kept. Rotary positions survive
 because the host rotates the layer input before the projections.
 
 Causal (decoder) attention uses the masked form ``(φ(q)φ(k)ᵀ ⊙ M) v`` normalised by its row sums,
-which is the same function as the running-sum recurrence and accepts any padding mask.
+which is the same function as the running-sum recurrence and accepts any padding mask. A decoder
+therefore still caches per-token keys and values here (and its report says so): the O(1)
+recurrent cache is not implemented yet.
 """
 
 from __future__ import annotations
@@ -63,11 +65,12 @@ class LinearAttention(ConvertedAttention):
         return state[0], state[1]
 
     def state_values_per_token(self) -> int:
-        # Per token nothing needs to be kept: the history is a fixed d×(d+1) sum per head.
-        return 0
+        # An encoder keeps nothing per token (the history is a fixed d×(d+1) sum per head); a
+        # decoder caches its keys and values (see the module docstring).
+        return 2 * self.num_heads * self.head_dim if self.is_causal else 0
 
     def fixed_state_values(self) -> int:
-        return self.num_heads * self.head_dim * (self.head_dim + 1)
+        return 0 if self.is_causal else self.num_heads * self.head_dim * (self.head_dim + 1)
 
     def attend(self, query, state, attention_mask, position_embeddings, rotary, **kwargs):
         key, value = state

@@ -18,8 +18,11 @@ from .attention_base import AttentionGeometry, ConvertedAttention
 from .attention_build import build_attention
 from .configuration_converted_whisper import ConvertedWhisperConfig
 
-ROLES = {"encoder": "encoder.layers.{}.self_attn", "decoder": "decoder.layers.{}.self_attn",
-         "cross": "decoder.layers.{}.encoder_attn"}
+ROLES = {
+    "encoder": "encoder.layers.{}.self_attn",
+    "decoder": "decoder.layers.{}.self_attn",
+    "cross": "decoder.layers.{}.encoder_attn",
+}
 
 
 def role_of(path: str) -> str:

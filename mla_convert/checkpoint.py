@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from .convert import check_request, convert
@@ -56,11 +57,27 @@ def convert_checkpoint(
     model_id = resolve_model_id(model_id)
     config = load_config(model_id)
     check_request(adapter_for_config(config), config, spec, layers, targets)
-    model = load_pretrained(model_id, config=config)
-    report = convert(model, spec, layers=layers, targets=targets, progress=progress)
-    with atomic_output_dir(output, overwrite=overwrite) as staging:
-        model.save_pretrained(staging)
-        if not save_processor(model_id, staging):
-            logger.warning("no processor files found for %s: add them before using pipeline()", model_id)
-        (staging / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    with transformers_progress_bars(progress):
+        model = load_pretrained(model_id, config=config)
+        report = convert(model, spec, layers=layers, targets=targets, progress=progress)
+        with atomic_output_dir(output, overwrite=overwrite) as staging:
+            model.save_pretrained(staging)
+            if not save_processor(model_id, staging):
+                logger.warning("no processor files found for %s: add them before using pipeline()", model_id)
+            (staging / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=2))
     return report
+
+
+@contextmanager
+def transformers_progress_bars(enabled: bool) -> Iterator[None]:
+    """Hide transformers' own loading/saving bars when the caller asked for a quiet run."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .errors import MlaConvertError
 from .specs import GQASpec, LinearSpec, MLASpec
@@ -45,6 +46,49 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_models, format_results
+
+    try:
+        payload, output = evaluate_models(
+            args.models,
+            args.split,
+            data=args.data,
+            batch_size=args.batch_size,
+            limit=args.limit,
+            device=args.device,
+            fp16=args.fp16,
+            output=args.output,
+            progress=not args.quiet,
+        )
+    except KeyboardInterrupt:
+        print("mla-convert: interrupted; run the same command again to resume from the .jsonl journal", file=sys.stderr)
+        return 130
+    print(format_results(payload))
+    print(f"wrote {output} (per-utterance lines in {output.with_suffix('.jsonl')})")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DEMO_NOTES, mla_variants, run_variants, write_report
+
+    rows, journal = run_variants(
+        mla_variants(args.latent_dims),
+        data=args.data,
+        splits=args.split,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        device=args.device,
+        checkpoints_dir=args.checkpoints_dir,
+        results_dir=args.output_dir / "demo_runs",
+        progress=not args.quiet,
+    )
+    paths = write_report(rows, args.split, args.output_dir, "demo", "mla-convert demo: Whisper tiny.en", DEMO_NOTES)
+    print(paths[0].read_text())
+    print(f"wrote {', '.join(str(p) for p in paths)} (per-utterance journal: {journal.with_suffix('.jsonl')})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mla-convert",
@@ -66,6 +110,30 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(handler=_cmd_convert)
+
+    evaluate = sub.add_parser("evaluate", help="WER/CER of speech recognition models on LibriSpeech")
+    evaluate.add_argument("models", nargs="+", metavar="MODEL", help="Hub ids, local directories or bundled: ids")
+    evaluate.add_argument("--split", nargs="+", default=["test-clean", "test-other"], help="LibriSpeech subsets")
+    evaluate.add_argument("--data", help="hub, or an extracted LibriSpeech root (default: $LIBRISPEECH_ROOT, else hub)")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="utterances per batch (default 16)")
+    evaluate.add_argument("--limit", type=int, help="only the first N utterances of each split")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    evaluate.add_argument("--fp16", action="store_true", help="run the model in float16")
+    evaluate.add_argument("--output", help="result JSON (default results/eval-<timestamp>.json); .jsonl beside it")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+    demo = sub.add_parser("demo", help="convert the bundled Whisper tiny.en to MLA and compare WER and cache size")
+    demo.add_argument("--data", help="hub, or an extracted LibriSpeech root (default: $LIBRISPEECH_ROOT, else hub)")
+    demo.add_argument("--split", nargs="+", default=["test-clean", "test-other"], help="LibriSpeech subsets")
+    demo.add_argument("--latent-dims", type=int, nargs="+", default=[384, 192, 96, 48], help="MLA latent sizes")
+    demo.add_argument("--limit", type=int, help="only the first N utterances of each split")
+    demo.add_argument("--batch-size", type=int, default=16)
+    demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    demo.add_argument("--output-dir", type=Path, default=Path("results"), help="where the table and plot go")
+    demo.add_argument("--checkpoints-dir", type=Path, default=Path("checkpoints/demo"))
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(handler=_cmd_demo)
     return parser
 
 

@@ -1,0 +1,280 @@
+"""LibriSpeech as a streaming ``datasets.IterableDataset``: the one audio pipeline of this package.
+
+Evaluation (and later fine-tuning) read LibriSpeech through :func:`librispeech`, from either source:
+
+* the Hub (``openslr/librispeech_asr``, streamed; nothing is downloaded up front), or
+* an extracted LibriSpeech root in the official tarball layout
+  (``<root>/<subset>/<speaker>/<chapter>/<id>.flac`` plus ``<speaker>-<chapter>.trans.txt``),
+  wrapped with ``IterableDataset.from_generator`` so that local runs go through the same
+  streaming code as Hub runs.
+
+Either way the audio column arrives undecoded (``Audio(decode=False)``: bytes or a path) and is
+decoded by the same ``.map`` with soundfile (FLAC/WAV/OGG; no torchcodec or FFmpeg), downmixed to
+mono and resampled with ``scipy.signal.resample_poly``. Every row is
+``{"id", "split", "text", "audio": float32 mono numpy array at sampling_rate, "duration"}``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Collection, Iterator
+from math import gcd
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import MlaConvertError
+
+logger = logging.getLogger(__name__)
+
+HUB_DATASET = "openslr/librispeech_asr"
+ENV_ROOT = "LIBRISPEECH_ROOT"
+
+# LibriSpeech subset name -> (Hub config, Hub split)
+SPLITS: dict[str, tuple[str, str]] = {
+    "test-clean": ("clean", "test"),
+    "test-other": ("other", "test"),
+    "dev-clean": ("clean", "validation"),
+    "dev-other": ("other", "validation"),
+    "train-clean-100": ("clean", "train.100"),
+    "train-clean-360": ("clean", "train.360"),
+    "train-other-500": ("other", "train.500"),
+}
+
+# Utterances per subset in the full corpus (progress bars for Hub runs).
+CORPUS_SIZES: dict[str, int] = {
+    "test-clean": 2620,
+    "test-other": 2939,
+    "dev-clean": 2703,
+    "dev-other": 2864,
+    "train-clean-100": 28539,
+    "train-clean-360": 104014,
+    "train-other-500": 148688,
+}
+
+AUDIO_SUFFIXES = (".flac", ".wav", ".ogg")
+
+
+class DataError(MlaConvertError):
+    """The requested data cannot be read (unknown split, missing or empty root, unreachable Hub)."""
+
+
+class UnknownSplitError(DataError, ValueError):
+    """A split name that is not one of the LibriSpeech subsets."""
+
+
+class AudioDecodeError(Exception):
+    """One audio file could not be decoded; the pipeline skips it and counts it."""
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise UnknownSplitError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    return split
+
+
+def _hub_unreachable_error(reason: str) -> DataError:
+    return DataError(
+        f"cannot stream {HUB_DATASET} from the Hugging Face Hub ({reason}): pass --data PATH to an extracted "
+        f"LibriSpeech root, or set the {ENV_ROOT} environment variable"
+    )
+
+
+def resolve_source(source: str | os.PathLike | None = None, *, check_hub: bool = True) -> str | Path:
+    """``"hub"`` or the Path of a local LibriSpeech root.
+
+    ``None`` means ``$LIBRISPEECH_ROOT`` if set, else the Hub. With ``check_hub``, choosing the Hub
+    while it is unreachable (or ``HF_HUB_OFFLINE`` is set, in which case no connection is tried)
+    raises a one-line :class:`DataError` naming ``--data`` and ``LIBRISPEECH_ROOT``.
+    """
+    if source is None or str(source) == "":
+        source = os.environ.get(ENV_ROOT) or "hub"
+    if str(source) == "hub":
+        if check_hub:
+            from .loading import hub_offline, hub_reachable
+
+            if hub_offline():
+                raise _hub_unreachable_error("HF_HUB_OFFLINE is set")
+            if not hub_reachable():
+                raise _hub_unreachable_error("no connection")
+        return "hub"
+    root = Path(source).expanduser()
+    if not root.exists():
+        raise DataError(f"LibriSpeech data path {str(source)!r} does not exist")
+    if not root.is_dir():
+        raise DataError(f"LibriSpeech data path {str(source)!r} is not a directory")
+    if not any(root.iterdir()):
+        raise DataError(f"LibriSpeech data path {str(source)!r} is empty")
+    return root.resolve()
+
+
+def source_label(source: str | Path) -> str:
+    return "hub" if str(source) == "hub" else str(source)
+
+
+def local_split_dir(root: str | os.PathLike, split: str) -> Path:
+    """``<root>/<split>``; ``<root>/LibriSpeech/<split>`` (the tarballs' top folder) is accepted too."""
+    check_split(split)
+    root = Path(root)
+    for candidate in (root / split, root / "LibriSpeech" / split):
+        if candidate.is_dir():
+            return candidate
+    present = sorted(p.name for base in (root, root / "LibriSpeech") if base.is_dir() for p in base.iterdir())
+    present = [name for name in present if name in SPLITS]
+    found = f"; it has {', '.join(present)}" if present else "; it has no LibriSpeech subset folders"
+    raise DataError(
+        f"no {split} folder under {root} (expected the official layout <root>/{split}/<spk>/<chapter>){found}"
+    )
+
+
+def _audio_file(chapter_dir: Path, utterance_id: str) -> Path:
+    for suffix in AUDIO_SUFFIXES:
+        candidate = chapter_dir / f"{utterance_id}{suffix}"
+        if candidate.exists():
+            return candidate
+    return chapter_dir / f"{utterance_id}.flac"  # missing: reported when decoding
+
+
+def iter_local_index(root: str | os.PathLike, split: str) -> Iterator[dict[str, Any]]:
+    """``{"id", "split", "text", "audio": {"path", "bytes": None}}`` per transcript line, in a fixed order."""
+    subset = local_split_dir(root, split)
+    for transcript in sorted(subset.glob("*/*/*.trans.txt")):
+        for line in transcript.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            utterance_id, _, text = line.partition(" ")
+            path = _audio_file(transcript.parent, utterance_id)
+            yield {
+                "id": utterance_id,
+                "split": split,
+                "text": text.strip(),
+                "audio": {"path": str(path), "bytes": None},
+            }
+
+
+def count_utterances(split: str, source: str | Path) -> int | None:
+    """Utterances in a split: counted for a local root, the corpus size for the Hub."""
+    check_split(split)
+    if str(source) == "hub":
+        return CORPUS_SIZES.get(split)
+    return sum(1 for _ in iter_local_index(source, split))
+
+
+def to_mono(array: np.ndarray) -> np.ndarray:
+    """Average the channels of a ``(frames, channels)`` array (soundfile's layout)."""
+    return array.mean(axis=1) if array.ndim == 2 else array
+
+
+def resample(array: np.ndarray, rate: int, target: int) -> np.ndarray:
+    if rate == target:
+        return array
+    divisor = gcd(int(rate), int(target))
+    from scipy.signal import resample_poly
+
+    return resample_poly(array, target // divisor, rate // divisor).astype(np.float32, copy=False)
+
+
+def decode_audio(audio: dict[str, Any] | str | os.PathLike, sampling_rate: int = 16000) -> np.ndarray:
+    """Decode an undecoded ``Audio`` value (bytes or path) to float32 mono at ``sampling_rate``."""
+    import soundfile
+
+    if isinstance(audio, (str, os.PathLike)):
+        audio = {"path": str(audio), "bytes": None}
+    raw, path = audio.get("bytes"), audio.get("path")
+    try:
+        if raw is not None:
+            array, rate = soundfile.read(io.BytesIO(raw), dtype="float32", always_2d=False)
+        elif path:
+            array, rate = soundfile.read(path, dtype="float32", always_2d=False)
+        else:
+            raise AudioDecodeError("no audio bytes or path")
+    except AudioDecodeError:
+        raise
+    except Exception as error:  # soundfile raises LibsndfileError, RuntimeError, OSError...
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise AudioDecodeError(reason) from error
+    array = to_mono(np.asarray(array, dtype=np.float32))
+    if array.size == 0:
+        raise AudioDecodeError("no samples")
+    return np.ascontiguousarray(resample(array, int(rate), int(sampling_rate)), dtype=np.float32)
+
+
+def _decode_row(row: dict[str, Any], split: str, sampling_rate: int) -> dict[str, Any]:
+    audio = row["audio"]
+    try:
+        array = decode_audio(audio, sampling_rate)
+    except AudioDecodeError as error:
+        name = (audio or {}).get("path") or row.get("id")
+        return {"audio": None, "duration": 0.0, "split": split, "error": f"{name}: {error}"}
+    return {"audio": array, "duration": len(array) / sampling_rate, "split": split, "error": None}
+
+
+def _keep_readable(row: dict[str, Any]) -> bool:
+    if row["error"] is None:
+        return True
+    logger.warning("skipping unreadable audio %s", row["error"])
+    return False
+
+
+def _hub_raw(split: str):
+    from datasets import Audio, load_dataset
+
+    config, hub_split = SPLITS[split]
+    try:
+        dataset = load_dataset(HUB_DATASET, config, split=hub_split, streaming=True)
+    except Exception as error:  # connection errors surface as many exception types
+        raise DataError(
+            f"cannot stream {HUB_DATASET} ({config}/{hub_split}): {(str(error).strip() or repr(error)).splitlines()[0]}"
+            f"; pass --data PATH to an extracted LibriSpeech root, or set {ENV_ROOT}"
+        ) from error
+    return dataset.cast_column("audio", Audio(decode=False))
+
+
+def librispeech(
+    split: str,
+    source: str | os.PathLike | None = "hub",
+    sampling_rate: int = 16000,
+    *,
+    limit: int | None = None,
+    exclude_ids: Collection[str] | None = None,
+    keep_unreadable: bool = False,
+):
+    """A LibriSpeech subset as a streaming ``datasets.IterableDataset``.
+
+    ``split`` is a LibriSpeech subset name (see :data:`SPLITS`); ``source`` is ``"hub"``, a local
+    root, or ``None`` for ``$LIBRISPEECH_ROOT``-else-Hub. ``limit`` keeps the first N utterances of
+    the subset and ``exclude_ids`` then drops utterances before their audio is decoded (resuming).
+    Unreadable audio is skipped with a logged warning; with ``keep_unreadable`` such rows come
+    through instead with ``audio=None`` and the reason in ``error``, so a caller can count them.
+    """
+    from datasets import IterableDataset
+
+    check_split(split)
+    if limit is not None and limit < 1:
+        raise DataError(f"--limit must be at least 1 (got {limit})")
+    source = resolve_source(source)
+    if source == "hub":
+        dataset = _hub_raw(split)
+    else:
+        local_split_dir(source, split)  # fail now, with the layout in the message
+        if next(iter_local_index(source, split), None) is None:
+            raise DataError(f"no utterances in {local_split_dir(source, split)} (no <spk>-<chapter>.trans.txt files)")
+        dataset = IterableDataset.from_generator(iter_local_index, gen_kwargs={"root": str(source), "split": split})
+    if limit is not None:
+        dataset = dataset.take(limit)
+    if exclude_ids:
+        excluded = frozenset(exclude_ids)
+        dataset = dataset.filter(lambda row: row["id"] not in excluded)
+    # Extra Hub columns (file, speaker_id, chapter_id) go in the decode map: ``remove_columns`` on a
+    # stream whose features hold an Audio column re-encodes every row, which imports torchcodec.
+    extra = [name for name in (dataset.column_names or []) if name not in {"id", "text", "audio"}]
+    dataset = dataset.map(
+        _decode_row, fn_kwargs={"split": split, "sampling_rate": sampling_rate}, remove_columns=extra or None
+    )
+    if not keep_unreadable:
+        dataset = dataset.filter(_keep_readable).remove_columns(["error"])
+    return dataset

@@ -69,6 +69,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_ct2(args: argparse.Namespace) -> int:
+    from .ct2 import import_ct2
+
+    output = import_ct2(args.path, args.output, overwrite=args.overwrite)
+    print(f"wrote a transformers Whisper model + processor to {output}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DEMO_NOTES, mla_variants, run_variants, write_report
 
@@ -122,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", help="result JSON (default results/eval-<timestamp>.json); .jsonl beside it")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(handler=_cmd_evaluate)
+
+    importer = sub.add_parser("import-ct2", help="import a CTranslate2 Whisper model (faster-whisper format)")
+    importer.add_argument("path", help="CTranslate2 model directory (model.bin, config.json, tokenizer.json)")
+    importer.add_argument("--output", required=True, help="directory to write the transformers model to")
+    importer.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    importer.set_defaults(handler=_cmd_import_ct2)
 
     demo = sub.add_parser("demo", help="convert the bundled Whisper tiny.en to MLA and compare WER and cache size")
     demo.add_argument("--data", help="hub, or an extracted LibriSpeech root (default: $LIBRISPEECH_ROOT, else hub)")

@@ -331,3 +331,20 @@ def test_other_model_ids_pass_through_and_unknown_bundled_names_are_refused():
     assert resolve_bundled("/some/local/dir") == "/some/local/dir"
     with pytest.raises(MlaConvertError, match="unknown bundled model"):
         resolve_bundled("bundled:whisper-large-v3")
+
+
+def test_import_ct2_command_writes_a_loadable_model_and_refuses_bad_input(tmp_path, bundled_dir, capsys):
+    from transformers import AutoModelForSpeechSeq2Seq
+
+    from mla_convert import cli
+
+    assert cli.main(["import-ct2", str(bundled_dir), "--output", str(tmp_path / "hf")]) == 0
+    assert (
+        type(AutoModelForSpeechSeq2Seq.from_pretrained(tmp_path / "hf")).__name__ == "WhisperForConditionalGeneration"
+    )
+    capsys.readouterr()
+    assert cli.main(["import-ct2", str(tmp_path / "missing"), "--output", str(tmp_path / "x")]) == 2
+    assert cli.main(["import-ct2", str(bundled_dir), "--output", str(tmp_path / "hf")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and all(line.startswith("mla-convert: error: ") for line in errors)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 from .convert import check_request, convert
 from .hosts import adapter_for_config
-from .io import atomic_output_dir, check_output_dir
+from .io import atomic_output_dir, check_output_dir, transformers_progress_bars
 from .loading import load_config, load_pretrained, resolve_model_id
 from .report import ConversionReport
 from .specs import AttentionSpec
@@ -66,18 +65,3 @@ def convert_checkpoint(
                 logger.warning("no processor files found for %s: add them before using pipeline()", model_id)
             (staging / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=2))
     return report
-
-
-@contextmanager
-def transformers_progress_bars(enabled: bool) -> Iterator[None]:
-    """Hide transformers' own loading/saving bars when the caller asked for a quiet run."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if not enabled:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()

@@ -100,9 +100,7 @@ def run_variants(
             base_dir, variant.spec, output, overwrite=True, targets=list(variant.targets), progress=False
         )
         model_ids.append(str(output))
-        cache_bytes.append(
-            _decoder_cache_bytes(config, report) if variant.targets == ("decoder",) else None
-        )
+        cache_bytes.append(_decoder_cache_bytes(config, report) if variant.targets == ("decoder",) else None)
         logger.info("converted %s: %s", variant.name, output)
     payload, path = evaluate_models(
         model_ids,
@@ -123,8 +121,17 @@ def run_variants(
             entry = by_model.get((model_id, split), {})
             row["splits"][split] = {
                 key: entry.get(key)
-                for key in ("wer", "cer", "utterances", "substitutions", "deletions", "insertions",
-                            "reference_words", "generation_limit_hits", "wall_seconds")  # fmt: skip
+                for key in (
+                    "wer",
+                    "cer",
+                    "utterances",
+                    "substitutions",
+                    "deletions",
+                    "insertions",
+                    "reference_words",
+                    "generation_limit_hits",
+                    "wall_seconds",
+                )  # fmt: skip
             }
         rows.append(row)
     return rows, path
@@ -139,15 +146,17 @@ def format_markdown(rows: Sequence[dict], splits: Sequence[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         per_token = row["decoder_cache_bytes_per_token"]
-        cache = "-" if per_token is None else f"{per_token}" + (
-            f" ({100 * per_token / original:.1f}%)" if original else ""
+        cache = (
+            "-" if per_token is None else f"{per_token}" + (f" ({100 * per_token / original:.1f}%)" if original else "")
         )
         cells = [f"{row['variant']}: {row['description']}", cache]
         for split in splits:
             result = row["splits"][split]
             wer = "-" if result["wer"] is None else f"{100 * result['wer']:.2f}"
-            sdi = "-" if result["substitutions"] is None else (
-                f"{result['substitutions']}/{result['deletions']}/{result['insertions']}"
+            sdi = (
+                "-"
+                if result["substitutions"] is None
+                else (f"{result['substitutions']}/{result['deletions']}/{result['insertions']}")
             )
             limit = result["generation_limit_hits"]
             cells += [wer, sdi, "-" if limit is None else f"{limit}/{result['utterances']}"]

@@ -38,6 +38,7 @@ import torch
 
 from .data import check_split, count_utterances, librispeech, resolve_source, source_label
 from .errors import MlaConvertError, ModelNotFoundError, UnsupportedModelError
+from .io import atomic_file, transformers_progress_bars
 from .normalize import normalizer_for
 
 logger = logging.getLogger(__name__)
@@ -271,21 +272,6 @@ def _quiet_transformers():
         yield
     finally:
         hf_logging.set_verbosity(previous)
-
-
-@contextlib.contextmanager
-def _progress_bars(enabled: bool):
-    """transformers' own bars (loading weights) follow --quiet too."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if not enabled:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled and not enabled:
-            hf_logging.enable_progress_bar()
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -679,14 +665,8 @@ def default_output(config: dict, results_dir: str | Path = "results") -> Path:
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_file(path) as temporary:
         temporary.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------ batching and prefetch
@@ -1000,7 +980,7 @@ def evaluate_models(
             todo = [split for split in splits if (model_id, split) not in finished]
             if not todo:
                 continue
-            with _progress_bars(progress):
+            with transformers_progress_bars(progress):
                 asr = load_asr_model(model_id, torch_device, fp16)
             try:
                 model_record = {"type": "model", **asr.info, "batch_size": batch_size}

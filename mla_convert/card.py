@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import CORPUS_SIZES, HUB_DATASET, SPLITS
-from .errors import MlaConvertError
 
 ASR_HEADS = {"AutoModelForCTC", "AutoModelForSpeechSeq2Seq"}
 AUTO_CLASS_TASKS = {  # auto_map key -> pipeline tag of the Hub
@@ -28,13 +27,12 @@ ATTENTION_TAGS = {
     "gqa": ["gqa", "grouped-query-attention"],
     "linear": ["linear-attention"],
 }
-ATTENTION_NAMES = {"mla": "multi-head latent attention (MLA)", "gqa": "grouped-query attention (GQA)",
-                   "linear": "linear attention"}
+ATTENTION_NAMES = {
+    "mla": "multi-head latent attention (MLA)",
+    "gqa": "grouped-query attention (GQA)",
+    "linear": "linear attention",
+}
 ROLE_NAMES = {"encoder": "encoder self-attention", "decoder": "decoder self-attention", "cross": "cross-attention"}
-
-
-class CardError(MlaConvertError):
-    """The inputs of a model card are unusable (e.g. an evaluation JSON in another format)."""
 
 
 @dataclass
@@ -47,6 +45,7 @@ class BaseModelInfo:
     license_name: str | None = None
     license_link: str | None = None
     license_origin: str | None = None  # "card" (the base model's card) or "option" (--license)
+    note: str | None = None  # how the converted weights relate to the Hub model, when not plainly
 
     @property
     def display(self) -> str:
@@ -302,15 +301,16 @@ def _conversion_section(inputs: CardInputs, rows: list[dict]) -> list[str]:
     lines = [
         "## What was converted",
         "",
-        f"- **Base model**: {inputs.base.display} ({host})",
+        f"- **Base model**: {inputs.base.display} ({host}){f', {inputs.base.note}' if inputs.base.note else ''}",
         f"- **Attention**: {_spec_text(spec, inputs.config)}.",
         f"- **Spec**: `{_inline(spec)}`",
-        f"- **Layers**: {len(rows)} ({', '.join(_roles(rows, host))}); all other attention layers are unchanged.",
-        f"- **Converted with**: `{info.get('toolkit', 'mla_convert')}`, "
-        f"weights in {report.get('dtype', 'float32')}.",
+        f"- **Layers**: {len(rows)} converted ({', '.join(_roles(rows, host))}); everything else is the base model's.",
+        f"- **Converted with**: `{info.get('toolkit', 'mla_convert')}`, weights in {report.get('dtype', 'float32')}.",
     ]
     if report.get("calibration_batches"):
-        lines.append(f"- **Calibration**: K/V errors also measured on {report['calibration_batches']} batches of audio.")
+        lines.append(
+            f"- **Calibration**: K/V errors also measured on {report['calibration_batches']} batches of audio."
+        )
     for note in dict.fromkeys([*(info.get("approximations") or []), *(report.get("approximations") or [])]):
         lines.append(f"- **Approximation**: {note}")
     with_weights = any("k_weight_error" in row for row in rows)
@@ -330,11 +330,19 @@ def _conversion_section(inputs: CardInputs, rows: list[dict]) -> list[str]:
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * 3 + "---:|" * (len(header) - 3))
         for row in rows:
-            cells = [f"`{row.get('path')}`", str(row.get("role", "")), str(row.get("attention", "")),
-                     _fmt_error(row.get("k_weight_error")), _fmt_error(row.get("v_weight_error"))]
+            cells = [
+                f"`{row.get('path')}`",
+                str(row.get("role", "")),
+                str(row.get("attention", "")),
+                _fmt_error(row.get("k_weight_error")),
+                _fmt_error(row.get("v_weight_error")),
+            ]
             if with_activations:
                 cells += [_fmt_error(row.get("k_activation_error")), _fmt_error(row.get("v_activation_error"))]
-            cells += [str(row.get("state_bytes_per_frame_before", "-")), str(row.get("state_bytes_per_frame_after", "-"))]
+            cells += [
+                str(row.get("state_bytes_per_frame_before", "-")),
+                str(row.get("state_bytes_per_frame_after", "-")),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
     else:
         lines += ["Converted layers: " + ", ".join(f"`{row['path']}`" for row in rows)]
@@ -405,7 +413,9 @@ def _training_section(training: dict | None) -> list[str]:
         if training.get(key) is not None:
             lines.append(f"- **{key.replace('_', ' ').capitalize()}**: {training[key]}")
     for key, value in training.items():
-        if key not in {"datasets", "steps", "epochs", "learning_rate", "batch_size"} and not isinstance(value, dict | list):
+        if key not in {"datasets", "steps", "epochs", "learning_rate", "batch_size"} and not isinstance(
+            value, dict | list
+        ):
             lines.append(f"- **{key.replace('_', ' ')}**: {value}")
     return lines + [""]
 
@@ -418,14 +428,16 @@ def _usage_section(inputs: CardInputs) -> list[str]:
     lines = [
         "## How to load",
         "",
-        f"Plain `transformers` (>= {major}.0{f', saved with {version}' if version else ''}); mla_convert is not needed. "
+        f"Plain `transformers` (>= {major}.0{f', saved with {version}' if version else ''}); "
+        "mla_convert is not needed. "
         "The converted attention is remote code in this repository "
         f"({', '.join(f'`{name}`' for name in inputs.files if name.endswith('.py'))}), so loading needs "
-        "`trust_remote_code=True`: read those files first, and pass `revision=\"<commit>\"` to pin them.",
+        '`trust_remote_code=True`: read those files first, and pass `revision="<commit>"` to pin them.',
         "",
         "```python",
     ]
-    if pipeline_tag(inputs.config) == "automatic-speech-recognition":
+    has_processor = any(name in inputs.files for name in ("preprocessor_config.json", "processor_config.json"))
+    if pipeline_tag(inputs.config) == "automatic-speech-recognition" and has_processor:
         lines += [
             f"from transformers import {auto}, AutoProcessor, pipeline",
             "",
@@ -436,8 +448,17 @@ def _usage_section(inputs: CardInputs) -> list[str]:
             'print(asr("audio.flac")["text"])',
         ]
     else:
-        lines += [f"from transformers import {auto}", "", f'model = {auto}.from_pretrained("{repo}", trust_remote_code=True)']
+        lines += [
+            f"from transformers import {auto}",
+            "",
+            f'model = {auto}.from_pretrained("{repo}", trust_remote_code=True)',
+        ]
     lines += ["```", ""]
+    if not has_processor:
+        lines += [
+            "This repository has no processor files: take the feature extractor and tokenizer from the base model.",
+            "",
+        ]
     return lines
 
 
@@ -470,15 +491,16 @@ def render_card(inputs: CardInputs) -> str:
         f"{ATTENTION_NAMES.get(kind, kind)} by `mla_convert`"
     )
     if totals.get("state_bytes_per_frame_before"):
+        before, after = int(totals["state_bytes_per_frame_before"]), int(totals.get("state_bytes_per_frame_after", 0))
         summary += (
-            f": K/V state of the converted layers {totals['state_bytes_per_frame_before']} → "
-            f"{totals.get('state_bytes_per_frame_after', 0)} bytes per position "
-            f"({_ratio_text(int(totals['state_bytes_per_frame_before']), int(totals.get('state_bytes_per_frame_after', 0)))})"
+            f": K/V state of the converted layers {before} → {after} bytes per position ({_ratio_text(before, after)})"
         )
     summary += "."
     if inputs.evaluation and inputs.evaluation.own_rows:
         scores = ", ".join(
-            f"{row.get('split')} {_pct(row.get('wer'))}" for row in inputs.evaluation.own_rows if row.get("wer") is not None
+            f"{row.get('split')} {_pct(row.get('wer'))}"
+            for row in inputs.evaluation.own_rows
+            if row.get("wer") is not None
         )
         if scores:
             summary += f" WER: {scores}."

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .convert import check_request, convert
+from .calibration import calibration_utterances, check_disjoint, split_held_out
+from .errors import SpecError
 from .hosts import adapter_for_config
 from .io import atomic_output_dir, check_output_dir, transformers_progress_bars
 from .loading import load_config, load_pretrained, resolve_model_id
 from .report import ConversionReport
 from .specs import AttentionSpec
+from .surgery import check_request, convert
 
 logger = logging.getLogger(__name__)
 
@@ -44,21 +46,56 @@ def convert_checkpoint(
     overwrite: bool = False,
     layers: Sequence[int] | None = None,
     targets: Sequence[str] | None = None,
+    calibration: Sequence[str] | None = None,
+    calibration_samples: int | None = 64,
+    calibration_text: bool = False,
+    exclude_ids: Iterable[str] = (),
     progress: bool = True,
 ) -> ConversionReport:
     """Load ``model_id``, convert it, and write model + processor + ``conversion_report.json``.
 
+    ``calibration`` names calibration audio sources (``hub``, a LibriSpeech root, or folders in
+    the LibriSpeech layout); every fifth utterance is held out for the report's activation errors,
+    and no utterance may share an id with ``exclude_ids`` (the evaluation data).
     Everything that can be checked before loading weights (output dir, spec against the config,
     supported architecture) is checked first; the output is written to a temporary directory and
     renamed only when complete.
     """
     output = check_output_dir(output, overwrite)
-    model_id = resolve_model_id(model_id)
+    requested_id, model_id = model_id, resolve_model_id(model_id)
     config = load_config(model_id)
-    check_request(adapter_for_config(config), config, spec, layers, targets)
+    adapter = adapter_for_config(config)
+    check_request(adapter, config, spec, layers, targets)
+    if spec.needs_calibration and not calibration:
+        raise SpecError(f"--init {spec.init} needs calibration audio (--calibration hub|PATH ...)")
     with transformers_progress_bars(progress):
         model = load_pretrained(model_id, config=config)
-        report = convert(model, spec, layers=layers, targets=targets, progress=progress)
+        fit_batches = held_out_batches = None
+        if calibration:
+            from transformers import AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(model_id)
+            rate = getattr(getattr(processor, "feature_extractor", processor), "sampling_rate", 16000)
+            rows = calibration_utterances(calibration, calibration_samples, rate)
+            check_disjoint(rows, exclude_ids)
+            fit, held_out = split_held_out(rows)
+            fit_batches = adapter.calibration_inputs(model, processor, fit, calibration_text)
+            held_out_batches = adapter.calibration_inputs(model, processor, held_out, calibration_text)
+        report = convert(
+            model,
+            spec,
+            layers=layers,
+            targets=targets,
+            calibration=fit_batches,
+            held_out=held_out_batches,
+            progress=progress,
+        )
+        report.base_model = requested_id
+        if calibration:
+            report.calibration_sources = list(calibration)
+            report.calibration_ids = [row["id"] for row in fit]
+            report.held_out_ids = [row["id"] for row in held_out]
+            report.calibration_text = calibration_text
         with atomic_output_dir(output, overwrite=overwrite) as staging:
             model.save_pretrained(staging)
             if not save_processor(model_id, staging):

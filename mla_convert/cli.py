@@ -14,14 +14,20 @@ from .specs import GQASpec, LinearSpec, MLASpec
 
 
 def _spec_from_args(args: argparse.Namespace):
+    # calibrated seeding is the default whenever calibration audio is given
+    init = args.init or ("calibrated" if args.calibration else None)
     if args.attention == "mla":
-        if args.latent_dim is None:
-            raise MlaConvertError("--attention mla needs --latent-dim N")
-        return MLASpec(latent_dim=args.latent_dim, init=args.init or "svd")
+        if args.latent_dim is None and args.cache_budget is None:
+            raise MlaConvertError("--attention mla needs --latent-dim N or --cache-budget F")
+        return MLASpec(
+            latent_dim=args.latent_dim, init=init or "svd", cache_budget=args.cache_budget, balance_kv=args.balance_kv
+        )
     if args.attention == "gqa":
         if args.kv_heads is None:
             raise MlaConvertError("--attention gqa needs --kv-heads N")
-        return GQASpec(kv_heads=args.kv_heads)
+        if init not in (None, "mean-pool", "calibrated"):
+            raise MlaConvertError(f"--init {init} is not a GQA init (mean-pool or calibrated)")
+        return GQASpec(kv_heads=args.kv_heads, init=init or "mean-pool")
     return LinearSpec(feature_map=args.feature_map)
 
 
@@ -29,6 +35,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoint import convert_checkpoint
 
     spec = _spec_from_args(args)
+    if args.push_to_hub:
+        from .hub import check_push_ready
+
+        check_push_ready(args.push_to_hub)  # offline, no token, bad repo id: fail before converting
     report = convert_checkpoint(
         args.model,
         spec,
@@ -36,6 +46,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         layers=args.layers,
         targets=args.targets,
+        calibration=args.calibration,
+        calibration_samples=args.calibration_samples,
+        calibration_text=args.calibration_text,
         progress=not args.quiet,
     )
     if args.json:
@@ -43,6 +56,47 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     else:
         print(report.format_table())
         print(f"saved to {args.output} (conversion_report.json inside)")
+    if args.push_to_hub:
+        from .hub import push_to_hub
+
+        try:
+            result = push_to_hub(
+                args.output, args.push_to_hub, private=args.private, base_model=args.model, progress=not args.quiet
+            )
+        except MlaConvertError as error:
+            raise MlaConvertError(
+                f"{error} (the converted model is kept in {args.output}; retry with "
+                f"`mla-convert push {args.output} --repo-id {args.push_to_hub}`)"
+            ) from None
+        print(f"pushed to {result.url}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import format_listing, push_to_hub
+
+    dry_run = args.dry_run if args.dry_run is not None else False
+    try:
+        result = push_to_hub(
+            args.model_dir,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            commit_message=args.commit_message,
+            base_model=args.base_model,
+            eval_json=args.eval_json,
+            license=args.license,
+            dry_run=dry_run,
+            overwrite=args.overwrite,
+        )
+    except KeyboardInterrupt:
+        print("mla-convert: interrupted; run the same command again to finish the upload", file=sys.stderr)
+        return 130
+    if result.folder is not None:
+        print(format_listing(result.plan, result.folder))
+    else:
+        commit = f" ({result.commit_url})" if result.commit_url else ""
+        print(f"pushed {len(result.files)} files to {result.url}{commit}")
     return 0
 
 
@@ -108,7 +162,32 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("model", help="Hub id or local directory of the model to convert")
     convert.add_argument("--attention", choices=("mla", "gqa", "linear"), required=True)
     convert.add_argument("--latent-dim", type=int, help="MLA: K/V latent width per token")
-    convert.add_argument("--init", choices=("svd", "svd-split"), help="MLA seeding (default svd: joint K/V SVD)")
+    convert.add_argument(
+        "--init",
+        choices=("svd", "svd-split", "calibrated", "mean-pool"),
+        help="seeding: MLA svd (joint K/V SVD) | svd-split | calibrated; GQA mean-pool | calibrated "
+        "(default: calibrated when --calibration is given, else svd / mean-pool)",
+    )
+    convert.add_argument(
+        "--calibration",
+        nargs="+",
+        metavar="SOURCE",
+        help="calibration audio: hub (LibriSpeech dev-clean), a LibriSpeech root, or folders with "
+        "*.trans.txt / transcripts.tsv (never the evaluation sets)",
+    )
+    convert.add_argument("--calibration-samples", type=int, default=64, help="utterances to calibrate on (64)")
+    convert.add_argument(
+        "--calibration-text",
+        action="store_true",
+        help="decoders: teacher-force the transcripts instead of the model's own greedy output",
+    )
+    convert.add_argument(
+        "--cache-budget",
+        type=float,
+        help="MLA: fraction of the original K/V values per token over the converted layers, "
+        "split per layer by the spectra (instead of --latent-dim)",
+    )
+    convert.add_argument("--balance-kv", action="store_true", help="MLA calibrated: weigh K and V equally")
     convert.add_argument("--kv-heads", type=int, help="GQA: number of key/value heads")
     convert.add_argument("--feature-map", default="elu", choices=("elu", "relu"), help="linear attention kernel")
     convert.add_argument("--layers", type=int, nargs="+", help="only these layer indices (default: all)")
@@ -117,7 +196,31 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     convert.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
+    convert.add_argument("--push-to-hub", metavar="REPO", help="then push the result to this Hub repo (USER/NAME)")
+    convert.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     convert.set_defaults(handler=_cmd_convert)
+
+    push = sub.add_parser("push", help="upload a converted model to the Hugging Face Hub with a model card")
+    push.add_argument("model_dir", metavar="DIR", help="directory written by `mla-convert convert`")
+    push.add_argument("--repo-id", required=True, help="USER/NAME or ORG/NAME (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repo private (existing repos keep theirs)")
+    push.add_argument("--revision", help="branch to push to (created if missing; default main)")
+    push.add_argument("--commit-message", help="commit message (default: names the conversion)")
+    push.add_argument(
+        "--dry-run",
+        nargs="?",
+        const=True,
+        metavar="OUT",
+        help="write the folder that would be uploaded to OUT (default DIR-hub-upload) and list it",
+    )
+    push.add_argument("--overwrite", action="store_true", help="with --dry-run: replace an existing OUT")
+    push.add_argument(
+        "--eval-json",
+        help="`mla-convert evaluate` JSON whose rows for DIR go into the card (default: eval.json inside DIR, if any)",
+    )
+    push.add_argument("--base-model", help="Hub id (or local directory) of the model that was converted")
+    push.add_argument("--license", help="licence id when the base model's card does not give one")
+    push.set_defaults(handler=_cmd_push)
 
     evaluate = sub.add_parser("evaluate", help="WER/CER of speech recognition models on LibriSpeech")
     evaluate.add_argument("models", nargs="+", metavar="MODEL", help="Hub ids, local directories or bundled: ids")

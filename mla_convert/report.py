@@ -27,9 +27,16 @@ class ConversionReport:
     model_type: str
     spec: dict
     dtype: str
+    base_model: str | None = None
     layers: list[LayerReport] = field(default_factory=list)
     approximations: list[str] = field(default_factory=list)
     calibration_batches: int = 0
+    held_out_batches: int = 0
+    calibration_seconds: float = 0.0
+    calibration_sources: list[str] = field(default_factory=list)
+    calibration_text: bool = False
+    calibration_ids: list[str] = field(default_factory=list)
+    held_out_ids: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
+from .calibration import SiteStatistics
 from .hosts.base import AttentionWeights
-from .init.grouping import mean_pool_heads
+from .init.grouping import augmented, balanced_groups, head_similarity, mean_pool_heads, weighted_merge
 from .init.svd import input_subspace, low_rank_factors
+from .init.whitening import balance_factor, calibrated_low_rank_factors, whitened_svd, whitening_factor
 from .modeling.attention_base import ConvertedAttention
 from .modeling.attention_gqa import GroupedQueryAttention
 from .modeling.attention_linear import LinearAttention
 from .modeling.attention_mla import MultiHeadLatentAttention
+from .specs import AttentionSpec
 
 
 def _assign(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -24,8 +29,22 @@ def _assign(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None =
 
 
 @torch.no_grad()
-def seed_attention(attention: ConvertedAttention, weights: AttentionWeights) -> None:
-    """Copy the shared query/output/position weights, then seed the variant's K/V path."""
+def seed_attention(
+    attention: ConvertedAttention,
+    weights: AttentionWeights,
+    spec: AttentionSpec | None = None,
+    statistics: SiteStatistics | None = None,
+) -> AttentionWeights:
+    """Copy the shared query/output/position weights, then seed the variant's K/V path.
+
+    Calibrated inits (``spec.init == "calibrated"``) need the site's input ``statistics``. Returns
+    the weights the module now reproduces at full rank: the input ``weights``, with the heads
+    renumbered when a calibrated GQA regrouped them (errors must be measured against those).
+    """
+    if spec is not None and spec.needs_calibration and statistics is None:
+        raise ValueError("a calibrated init needs calibration statistics")
+    if isinstance(attention, GroupedQueryAttention) and spec is not None and spec.needs_calibration:
+        weights = _seed_calibrated_groups(attention, weights, statistics)
     _assign(attention.q_proj, weights.q_weight, weights.q_bias)
     _assign(attention.out_proj, weights.o_weight, weights.o_bias)
     if attention.position_mode == "relative":
@@ -33,16 +52,21 @@ def seed_attention(attention: ConvertedAttention, weights: AttentionWeights) -> 
         attention.pos_bias_u.copy_(weights.pos_bias_u)
         attention.pos_bias_v.copy_(weights.pos_bias_v)
     if isinstance(attention, MultiHeadLatentAttention):
-        _seed_latent(attention, weights)
+        if spec is not None and spec.needs_calibration:
+            _seed_calibrated_latent(attention, weights, statistics, spec)
+        else:
+            _seed_latent(attention, weights)
     elif isinstance(attention, GroupedQueryAttention):
-        heads, kv_heads = attention.num_heads, attention.kv_heads
-        _assign(attention.k_proj, *mean_pool_heads(weights.k_weight, weights.k_bias, heads, kv_heads))
-        _assign(attention.v_proj, *mean_pool_heads(weights.v_weight, weights.v_bias, heads, kv_heads))
+        if spec is None or not spec.needs_calibration:  # calibrated: merged by _seed_calibrated_groups
+            heads, kv_heads = attention.num_heads, attention.kv_heads
+            _assign(attention.k_proj, *mean_pool_heads(weights.k_weight, weights.k_bias, heads, kv_heads))
+            _assign(attention.v_proj, *mean_pool_heads(weights.v_weight, weights.v_bias, heads, kv_heads))
     elif isinstance(attention, LinearAttention):
         _assign(attention.k_proj, weights.k_weight, weights.k_bias)
         _assign(attention.v_proj, weights.v_weight, weights.v_bias)
     else:
         raise TypeError(f"no seeding rule for {type(attention).__name__}")
+    return weights
 
 
 def _seed_latent(attention: MultiHeadLatentAttention, weights: AttentionWeights) -> None:
@@ -78,6 +102,125 @@ def _seed_latent(attention: MultiHeadLatentAttention, weights: AttentionWeights)
         _assign(attention.k_proj, w_k, weights.k_bias)
     else:
         _assign(attention.k_up, k_up, weights.k_bias)
+
+
+def _joint_weight(weights: AttentionWeights, spec, covariance: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    """``[α W_k; W_v]`` and ``α`` (1 unless the spec balances K against V on the calibration data)."""
+    alpha = 1.0
+    if getattr(spec, "balance_kv", False) and covariance is not None:
+        alpha = balance_factor(weights.k_weight, weights.v_weight, whitening_factor(covariance, spec.damping))
+    return torch.cat([alpha * weights.k_weight.to(torch.float64), weights.v_weight.to(torch.float64)]), alpha
+
+
+def latent_spectrum(weights: AttentionWeights, spec, statistics: SiteStatistics | None) -> torch.Tensor:
+    """Singular values a joint latent keeps or drops: of ``W S`` when calibrated, else of ``W``."""
+    covariance = statistics.key_value.second_moment if spec.needs_calibration else None
+    joint, _ = _joint_weight(weights, spec, covariance)
+    if covariance is None:
+        return torch.linalg.svdvals(joint)
+    return whitened_svd(joint, covariance, spec.damping)[1]
+
+
+def _seed_calibrated_latent(
+    attention: MultiHeadLatentAttention, weights: AttentionWeights, statistics: SiteStatistics, spec
+) -> None:
+    """Whitened joint SVD: minimises the K/V error on the calibration inputs, not on the weights.
+
+    Rotary: the latent must map back to the layer input, so ``k_up = S V_r`` and
+    ``down = V_rᵀ S⁻¹`` (an oblique projector that keeps what the calibration inputs use).
+    """
+    covariance = statistics.key_value.second_moment
+    joint, alpha = _joint_weight(weights, spec, covariance)
+    rank, hidden = attention.latent_dim, weights.k_weight.shape[0]
+    if attention.position_mode == "rotary":
+        _, _, right_t, factor = whitened_svd(joint, covariance, spec.damping)
+        basis = factor @ right_t[:rank].T
+        down = torch.linalg.solve_triangular(factor, right_t[:rank], upper=False, left=False)
+        attention.kv_down.weight.copy_(down)
+        _assign(attention.k_up, basis)
+        _assign(attention.k_proj, weights.k_weight, weights.k_bias)
+        _assign(attention.v_up, weights.v_weight.to(torch.float64) @ basis, weights.v_bias)
+        return
+    up, down = calibrated_low_rank_factors(joint, covariance, rank, spec.damping)
+    attention.kv_down.weight.copy_(down)
+    _assign(attention.k_up, up[:hidden] / alpha, weights.k_bias)
+    _assign(attention.v_up, up[hidden:], weights.v_bias)
+
+
+def _augmented_moment(moments) -> torch.Tensor:
+    """``E[x̃ x̃ᵀ]`` for ``x̃ = [x; 1]``."""
+    second, mean = moments.second_moment, moments.mean
+    top = torch.cat([second, mean[:, None]], dim=1)
+    bottom = torch.cat([mean, torch.ones(1, dtype=mean.dtype)])[None]
+    return torch.cat([top, bottom])
+
+
+def _permute_heads(weights: AttentionWeights, order: list[int]) -> AttentionWeights:
+    """The same attention with its heads renumbered (query, key, value, position and output sides)."""
+    heads = weights.geometry.num_heads
+    head_dim = weights.geometry.head_dim
+    rows = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in order])
+
+    def by_rows(tensor):
+        return None if tensor is None else tensor[rows]
+
+    def by_heads(tensor):
+        return None if tensor is None else tensor.reshape(heads, head_dim)[order]
+
+    return replace(
+        weights,
+        q_weight=weights.q_weight[rows],
+        q_bias=by_rows(weights.q_bias),
+        k_weight=weights.k_weight[rows],
+        k_bias=by_rows(weights.k_bias),
+        v_weight=weights.v_weight[rows],
+        v_bias=by_rows(weights.v_bias),
+        o_weight=weights.o_weight[:, rows],
+        pos_weight=by_rows(weights.pos_weight),
+        pos_bias_u=by_heads(weights.pos_bias_u),
+        pos_bias_v=by_heads(weights.pos_bias_v),
+    )
+
+
+def _seed_calibrated_groups(
+    attention: GroupedQueryAttention, weights: AttentionWeights, statistics: SiteStatistics
+) -> AttentionWeights:
+    """Group heads by how alike their keys and values are on calibration inputs, renumber the query
+    heads so each group is contiguous, and merge each group's K and V projections by weighted least
+    squares (keys weighted by the queries that read them, values by the output projection).
+    Returns the renumbered weights for the shared query/output copy."""
+    heads, kv_heads, head_dim = attention.num_heads, attention.kv_heads, attention.head_dim
+    kv_moment = _augmented_moment(statistics.key_value)
+    query_moment = _augmented_moment(statistics.query)
+    keys = augmented(weights.k_weight.double(), _opt_double(weights.k_bias), heads)
+    values = augmented(weights.v_weight.double(), _opt_double(weights.v_bias), heads)
+    similarity = (head_similarity(keys, kv_moment) + head_similarity(values, kv_moment)) / 2
+    groups = balanced_groups(similarity, kv_heads)
+    weights = _permute_heads(weights, [head for group in groups for head in group])
+    keys = augmented(weights.k_weight.double(), _opt_double(weights.k_bias), heads)
+    values = augmented(weights.v_weight.double(), _opt_double(weights.v_bias), heads)
+    query_bias = _opt_double(weights.q_bias)
+    if attention.position_mode == "relative":
+        content = weights.pos_bias_u.double().reshape(-1)
+        query_bias = content if query_bias is None else query_bias + content
+    queries = augmented(weights.q_weight.double(), query_bias, heads)
+    key_metrics = torch.einsum("hdn,nm,hem->hde", queries, query_moment, queries)
+    output = weights.o_weight.double().reshape(-1, heads, head_dim).permute(1, 2, 0)  # [H, d, hidden]
+    value_metrics = output @ output.transpose(1, 2)
+    size = heads // kv_heads
+    merged_keys, merged_values = [], []
+    for group in range(kv_heads):
+        members = slice(group * size, (group + 1) * size)
+        merged_keys.append(weighted_merge(keys[members], key_metrics[members]))
+        merged_values.append(weighted_merge(values[members], value_metrics[members]))
+    merged_k, merged_v = torch.cat(merged_keys), torch.cat(merged_values)
+    _assign(attention.k_proj, merged_k[:, :-1], merged_k[:, -1])
+    _assign(attention.v_proj, merged_v[:, :-1], merged_v[:, -1])
+    return weights
+
+
+def _opt_double(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.double()
 
 
 @torch.no_grad()

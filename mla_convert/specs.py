@@ -7,13 +7,13 @@ is applied to, and ``layer_dict`` is the plain dict stored per layer in the conv
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
 from .errors import SpecError
 
-MLA_INITS = ("svd", "svd-split")
-GQA_INITS = ("mean-pool",)
+MLA_INITS = ("svd", "svd-split", "calibrated")
+GQA_INITS = ("mean-pool", "calibrated")
 FEATURE_MAPS = ("elu", "relu")
 
 
@@ -22,20 +22,42 @@ class MLASpec:
     """Multi-head latent attention with a ``latent_dim``-wide K/V latent per token.
 
     ``init="svd"`` seeds one latent shared by K and V from a truncated SVD of ``[W_k; W_v]``;
-    ``"svd-split"`` gives K and V ``latent_dim/2`` each from two separate SVDs (for comparison).
+    ``"svd-split"`` gives K and V ``latent_dim/2`` each from two separate SVDs (for comparison);
+    ``"calibrated"`` minimises the K/V error on real layer inputs (whitened SVD; needs calibration
+    audio), optionally with K and V balanced before the joint SVD (``balance_kv``).
+    ``cache_budget`` (instead of ``latent_dim``) is the fraction of the original K/V values per
+    token, summed over the converted layers, shared out per layer by the (calibrated) spectra.
     """
 
-    latent_dim: int
+    latent_dim: int | None = None
     init: str = "svd"
+    cache_budget: float | None = None
+    balance_kv: bool = False
+    damping: float = 0.01
     attention: ClassVar[str] = "mla"
 
     @property
     def latent_layout(self) -> str:
         return "split" if self.init == "svd-split" else "joint"
 
+    @property
+    def needs_calibration(self) -> bool:
+        return self.init == "calibrated"
+
     def validate(self, hidden_size: int, num_heads: int) -> None:
         if self.init not in MLA_INITS:
             raise SpecError(f"unknown MLA init {self.init!r}; choose one of {', '.join(MLA_INITS)}")
+        if (self.latent_dim is None) == (self.cache_budget is None):
+            raise SpecError("give exactly one of latent_dim (--latent-dim) and cache_budget (--cache-budget)")
+        if self.cache_budget is not None:
+            if self.latent_layout == "split":
+                raise SpecError("--cache-budget needs the joint latent (--init svd or calibrated)")
+            if not 0 < self.cache_budget <= 0.5:
+                raise SpecError(
+                    f"cache_budget is a fraction of the original K/V values per token in (0, 0.5] "
+                    f"(0.5 is a lossless joint latent), got {self.cache_budget}"
+                )
+            return
         limit = hidden_size if self.latent_layout == "joint" else 2 * hidden_size
         if not 0 < self.latent_dim <= limit:
             raise SpecError(
@@ -45,10 +67,11 @@ class MLASpec:
         if self.latent_layout == "split" and self.latent_dim % 2:
             raise SpecError(f"--init svd-split needs an even latent_dim, got {self.latent_dim}")
 
-    def layer_dict(self) -> dict:
+    def layer_dict(self, latent_dim: int | None = None) -> dict:
+        """The per-layer dict stored in the config; ``latent_dim`` overrides (cache budgets)."""
         return {
             "attention": "mla",
-            "latent_dim": self.latent_dim,
+            "latent_dim": latent_dim or self.latent_dim,
             "latent_layout": self.latent_layout,
             "init": self.init,
         }
@@ -56,11 +79,21 @@ class MLASpec:
 
 @dataclass(frozen=True)
 class GQASpec:
-    """Grouped-query attention with ``kv_heads`` K/V heads, seeded by mean-pooling each group."""
+    """Grouped-query attention with ``kv_heads`` K/V heads.
+
+    ``init="mean-pool"`` averages contiguous groups of heads (the GQA paper's recipe);
+    ``"calibrated"`` groups heads whose keys/values behave alike on calibration audio and merges
+    each group with the shared projection that best preserves the attention scores (keys) and the
+    output (values), i.e. weighted least squares on the calibration activations.
+    """
 
     kv_heads: int
     init: str = "mean-pool"
     attention: ClassVar[str] = "gqa"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.init == "calibrated"
 
     def validate(self, hidden_size: int, num_heads: int) -> None:
         if self.init not in GQA_INITS:
@@ -68,7 +101,7 @@ class GQASpec:
         if self.kv_heads <= 0 or num_heads % self.kv_heads:
             raise SpecError(f"kv_heads must divide the {num_heads} attention heads, got {self.kv_heads}")
 
-    def layer_dict(self) -> dict:
+    def layer_dict(self, latent_dim: int | None = None) -> dict:
         return {"attention": "gqa", "kv_heads": self.kv_heads, "init": self.init}
 
 
@@ -79,12 +112,13 @@ class LinearSpec:
     feature_map: str = "elu"
     init: str = "copy"
     attention: ClassVar[str] = "linear"
+    needs_calibration: ClassVar[bool] = False
 
     def validate(self, hidden_size: int, num_heads: int) -> None:
         if self.feature_map not in FEATURE_MAPS:
             raise SpecError(f"unknown feature map {self.feature_map!r}; choose one of {', '.join(FEATURE_MAPS)}")
 
-    def layer_dict(self) -> dict:
+    def layer_dict(self, latent_dim: int | None = None) -> dict:
         return {"attention": "linear", "feature_map": self.feature_map, "init": self.init}
 
 
@@ -93,7 +127,12 @@ SPEC_CLASSES: dict[str, type] = {"mla": MLASpec, "gqa": GQASpec, "linear": Linea
 
 
 def spec_to_dict(spec: AttentionSpec) -> dict:
-    return {"attention": spec.attention, **asdict(spec)}
+    """The spec as stored in configs and reports: its kind, size and init, plus any option that
+    differs from its default."""
+    defaults = {f.name: f.default for f in fields(spec)}
+    core = {"latent_dim", "kv_heads", "feature_map", "init"}
+    values = {k: v for k, v in asdict(spec).items() if v is not None and (k in core or v != defaults[k])}
+    return {"attention": spec.attention, **values}
 
 
 def spec_from_dict(data: dict) -> AttentionSpec:

@@ -44,6 +44,16 @@ class AttentionSite:
     role: str
 
 
+@dataclass
+class SiteInputs:
+    """What one attention call saw: the query-side input, the key/value-side input (they differ for
+    cross-attention) and the position embeddings (``None`` when the host has none)."""
+
+    query: torch.Tensor
+    key_value: torch.Tensor
+    positions: torch.Tensor | None = None
+
+
 def linear_bias(linear: nn.Linear) -> torch.Tensor | None:
     return None if linear.bias is None else linear.bias.detach()
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from torch import nn
 from transformers import Wav2Vec2ConformerConfig
 from transformers.models.wav2vec2_conformer.modeling_wav2vec2_conformer import Wav2Vec2ConformerSelfAttention
 
 from ..modeling import modeling_converted_wav2vec2_conformer as modeling
 from ..modeling.configuration_converted_wav2vec2_conformer import ConvertedWav2Vec2ConformerConfig
-from .base import AttentionSite, AttentionWeights, HostAdapter, linear_bias
+from .base import AttentionSite, AttentionWeights, HostAdapter, SiteInputs, linear_bias
 
 
 class Wav2Vec2ConformerAdapter(HostAdapter):
@@ -57,6 +59,12 @@ class Wav2Vec2ConformerAdapter(HostAdapter):
     def build_module(self, config, layer_spec: dict, site: AttentionSite) -> nn.Module:
         return modeling.ConvertedConformerSelfAttention(config, layer_spec)
 
-    def site_inputs(self, site: AttentionSite, args: tuple, kwargs: dict):
+    def site_inputs(self, site: AttentionSite, args: tuple, kwargs: dict) -> SiteInputs:
         hidden_states = kwargs.get("hidden_states", args[0] if args else None)
-        return hidden_states, kwargs.get("relative_position_embeddings")
+        return SiteInputs(hidden_states, hidden_states, kwargs.get("relative_position_embeddings"))
+
+    def calibration_inputs(self, model: nn.Module, processor, rows: list[dict], use_text: bool) -> Iterator[dict]:
+        extractor = getattr(processor, "feature_extractor", processor)
+        for row in rows:
+            features = extractor(row["audio"], sampling_rate=extractor.sampling_rate, return_tensors="pt")
+            yield {"input_values": features.input_values.to(model.device, model.dtype)}

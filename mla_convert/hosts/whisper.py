@@ -3,13 +3,16 @@ and encoder self-attention, chosen with ``targets`` (like PEFT's ``target_module
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import torch
 from torch import nn
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperAttention
 
 from ..modeling import modeling_converted_whisper as modeling
 from ..modeling.configuration_converted_whisper import ConvertedWhisperConfig
-from .base import AttentionSite, AttentionWeights, HostAdapter, linear_bias
+from .base import AttentionSite, AttentionWeights, HostAdapter, SiteInputs, linear_bias
 
 
 class WhisperAdapter(HostAdapter):
@@ -58,7 +61,31 @@ class WhisperAdapter(HostAdapter):
     def build_module(self, config, layer_spec: dict, site: AttentionSite) -> nn.Module:
         return modeling.ConvertedWhisperAttention(config, layer_spec, site.path)
 
-    def site_inputs(self, site: AttentionSite, args: tuple, kwargs: dict):
+    def site_inputs(self, site: AttentionSite, args: tuple, kwargs: dict) -> SiteInputs:
         hidden_states = kwargs.get("hidden_states", args[0] if args else None)
         key_value_states = kwargs.get("key_value_states")
-        return (hidden_states if key_value_states is None else key_value_states), None
+        return SiteInputs(hidden_states, hidden_states if key_value_states is None else key_value_states)
+
+    def calibration_inputs(self, model: nn.Module, processor, rows: list[dict], use_text: bool) -> Iterator[dict]:
+        """One teacher-forced forward per utterance: the prompt plus either the model's own greedy
+        transcript (label-free) or the reference text, so the decoder sees the token sequences it
+        will really decode."""
+        config = model.generation_config
+        prompt = [config.decoder_start_token_id]
+        if getattr(config, "no_timestamps_token_id", None) is not None:
+            prompt.append(config.no_timestamps_token_id)
+        for row in rows:
+            features = processor.feature_extractor(row["audio"], sampling_rate=16000, return_tensors="pt")
+            features = features.input_features.to(model.device, model.dtype)
+            if use_text:
+                text = " " + row["text"].strip().lower().capitalize()
+                tokens = processor.tokenizer(text, add_special_tokens=False).input_ids
+            else:
+                with torch.inference_mode():
+                    generated = model.generate(features, num_beams=1, do_sample=False)
+                tokens = [t for t in generated[0].tolist() if t not in prompt]
+            ids = prompt + tokens
+            if config.eos_token_id is not None and ids[-1] != config.eos_token_id:
+                ids.append(config.eos_token_id)
+            ids = ids[: model.config.max_target_positions]
+            yield {"input_features": features, "decoder_input_ids": torch.tensor([ids], device=model.device)}

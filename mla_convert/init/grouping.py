@@ -1,4 +1,4 @@
-"""Head grouping for GQA seeds."""
+"""Head grouping for GQA seeds: neighbour mean-pooling, or calibrated grouping and merging."""
 
 from __future__ import annotations
 
@@ -21,3 +21,59 @@ def mean_pool_heads(
     if bias is not None:
         pooled_bias = bias.reshape(kv_heads, group, head_dim).mean(dim=1).reshape(kv_heads * head_dim)
     return pooled, pooled_bias
+
+
+def augmented(weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int) -> torch.Tensor:
+    """``[H, d, n+1]``: each head's ``[W_h | b_h]``, so an affine map is one matrix."""
+    rows, columns = weight.shape
+    bias = torch.zeros(rows, dtype=weight.dtype) if bias is None else bias
+    return torch.cat([weight, bias[:, None]], dim=1).reshape(num_heads, rows // num_heads, columns + 1)
+
+
+def head_similarity(heads: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
+    """``[H, H]`` cosine similarity of the heads' outputs over the calibration inputs.
+
+    ``heads`` is ``[H, d, n+1]`` (augmented), ``second_moment`` the ``(n+1)×(n+1)`` moment of the
+    inputs with a trailing 1: ``E[⟨k_i, k_j⟩] = tr(A_i M A_jᵀ)``.
+    """
+    cross = torch.einsum("idn,nm,jdm->ij", heads, second_moment, heads)
+    norms = cross.diagonal().clamp_min(1e-30).sqrt()
+    return cross / (norms[:, None] * norms[None, :])
+
+
+def balanced_groups(similarity: torch.Tensor, kv_heads: int) -> list[list[int]]:
+    """Partition heads into ``kv_heads`` groups of equal size, most similar heads together.
+
+    Greedy: the unassigned head least similar to everything else seeds a group, which takes the
+    heads most similar to the group so far. Equal sizes keep the standard GQA layout (the query
+    heads are permuted so that each group is contiguous).
+    """
+    num_heads = similarity.shape[0]
+    size = num_heads // kv_heads
+    unassigned = list(range(num_heads))
+    groups = []
+    while unassigned:
+        pool = similarity[unassigned][:, unassigned]
+        seed = unassigned[int(pool.sum(dim=1).argmin())]
+        group = [seed]
+        unassigned.remove(seed)
+        while len(group) < size:
+            scores = similarity[unassigned][:, group].mean(dim=1)
+            best = unassigned[int(scores.argmax())]
+            group.append(best)
+            unassigned.remove(best)
+        groups.append(sorted(group))
+    return sorted(groups)
+
+
+def weighted_merge(heads: torch.Tensor, metrics: torch.Tensor) -> torch.Tensor:
+    """The shared ``[d, n+1]`` map minimising ``Σ_h E‖M_h^{1/2} (A_h − A) x‖²``: ``(Σ M_h)⁻¹ Σ M_h A_h``.
+
+    For keys ``M_h = E[q_h q_hᵀ]`` (what query head ``h`` multiplies its key with), so the merged
+    key preserves the attention scores; for values ``M_h = O_hᵀ O_h`` (head ``h``'s slice of the
+    output projection), so it preserves the attention output. The input covariance cancels out.
+    """
+    dim = heads.shape[1]
+    total = metrics.sum(dim=0)
+    total = total + 1e-9 * total.diagonal().mean().clamp_min(1e-30) * torch.eye(dim, dtype=total.dtype)
+    return torch.linalg.solve(total, torch.einsum("hde,hen->dn", metrics, heads))

@@ -11,13 +11,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
+from .calibration import collect_statistics
 from .errors import SpecError, UnsupportedModelError
 from .hosts import AttentionSite, AttentionWeights, HostAdapter, adapter_for
+from .init.budget import allocate_ranks
 from .init.svd import relative_error
 from .modeling.attention_build import build_attention
 from .modeling.attention_linear import LinearAttention
 from .report import ConversionReport, LayerReport
-from .seed import effective_kv_weights, seed_attention
+from .seed import effective_kv_weights, latent_spectrum, seed_attention
 from .specs import AttentionSpec, spec_to_dict
 
 LINEAR_RELATIVE_NOTE = (
@@ -32,14 +34,16 @@ def convert(
     layers: Sequence[int] | None = None,
     targets: Sequence[str] | None = None,
     calibration: Iterable[dict] | None = None,
+    held_out: Iterable[dict] | None = None,
     progress: bool = False,
 ) -> ConversionReport:
     """Replace the multi-head attention of ``model`` in place, seeded from its trained weights.
 
     ``layers`` limits the conversion to those layer indices; ``targets`` picks attention roles
     where a host has several (e.g. Whisper's decoder self-attention vs cross-attention).
-    ``calibration`` is an iterable of model-input dicts (e.g. ``{"input_values": ...}``); when
-    given, the report also holds the K/V errors measured on those real activations.
+    ``calibration`` is an iterable of model-input dicts (e.g. ``{"input_values": ...}``): calibrated
+    inits are fitted to the layer inputs it produces, and the report gives the K/V errors measured
+    on ``held_out`` batches (on ``calibration`` itself when no held-out batches are given).
     Afterwards the model is an ordinary HF model of the converted class: ``save_pretrained``
     writes the spec into ``config.json`` and the modeling code next to the weights.
     """
@@ -61,27 +65,41 @@ def convert(
     config = model.config
     parameter = next(model.parameters())
     dtype, device = parameter.dtype, parameter.device
-    layer_spec = spec.layer_dict()
     report = ConversionReport(
         model_type=config.model_type, spec=spec_to_dict(spec), dtype=str(dtype).replace("torch.", "")
     )
-    captured = _capture_site_inputs(model, adapter, sites, calibration) if calibration is not None else None
-    if captured is not None:
-        report.calibration_batches = len(next(iter(captured.values()), []))
+    if spec.needs_calibration and calibration is None:
+        raise SpecError(f"--init {spec.init} needs calibration audio (--calibration)")
+    statistics = None
+    if calibration is not None:
+        calibration = list(calibration)
+        report.calibration_batches = len(calibration)
+        started_calibration = time.perf_counter()
+        statistics = collect_statistics(model, adapter, sites, calibration)
+        report.calibration_seconds = time.perf_counter() - started_calibration
+    evaluation = list(held_out) if held_out is not None else calibration
+    captured = _capture_site_inputs(model, adapter, sites, evaluation) if evaluation is not None else None
+    if held_out is not None:
+        report.held_out_batches = len(evaluation)
     itemsize = torch.empty((), dtype=dtype).element_size()
+    all_weights = {site.path: _float_weights(adapter.read_weights(site, config)) for site in sites}
+    for weights in all_weights.values():
+        spec.validate(weights.geometry.hidden_size, weights.geometry.num_heads)
+    latent_dims = _budgeted_latent_dims(spec, sites, all_weights, statistics)
     layer_specs: dict[str, dict] = {}
     position_modes: set[str] = set()
 
     for site in tqdm(sites, desc="converting attention", unit="layer", disable=not progress):
-        weights = adapter.read_weights(site, config)
-        spec.validate(weights.geometry.hidden_size, weights.geometry.num_heads)
+        weights = all_weights[site.path]
         position_modes.add(weights.position_mode)
+        layer_spec = spec.layer_dict(latent_dims.get(site.path))
         with torch.device("meta"):
             replacement = adapter.build_module(config, layer_spec, site)
         replacement.to_empty(device="cpu")
         replacement.float()
         attention = adapter.attention_of(replacement)
-        seed_attention(attention, _float_weights(weights))
+        site_statistics = statistics[site.path] if statistics is not None else None
+        weights = seed_attention(attention, weights, spec, site_statistics)
         layer = _layer_report(site, attention, weights, itemsize)
         if captured is not None:
             layer.k_activation_error, layer.v_activation_error = _activation_errors(
@@ -109,6 +127,17 @@ def convert(
     )
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _budgeted_latent_dims(spec, sites, all_weights, statistics) -> dict[str, int]:
+    """Per-layer latent sizes when the spec gives a cache budget instead of one size."""
+    if getattr(spec, "cache_budget", None) is None:
+        return {}
+    spectra = [latent_spectrum(all_weights[site.path], spec, statistics and statistics[site.path]) for site in sites]
+    widths = [all_weights[site.path].geometry.hidden_size for site in sites]
+    budget = int(round(spec.cache_budget * sum(2 * width for width in widths)))
+    ranks = allocate_ranks(spectra, budget, minimum=1, maximum=widths)
+    return {site.path: rank for site, rank in zip(sites, ranks, strict=True)}
 
 
 def check_request(
@@ -168,9 +197,9 @@ def _capture_site_inputs(model, adapter: HostAdapter, sites, calibration) -> dic
     for site in sites:
 
         def hook(module, args, kwargs, site=site):
-            states, positions = adapter.site_inputs(site, args, kwargs)
-            positions = None if positions is None else positions.detach().float().cpu()
-            captured[site.path].append((states.detach().float().cpu(), positions))
+            inputs = adapter.site_inputs(site, args, kwargs)
+            positions = None if inputs.positions is None else inputs.positions.detach().float().cpu()
+            captured[site.path].append((inputs.key_value.detach().float().cpu(), positions))
 
         hooks.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
     was_training = model.training

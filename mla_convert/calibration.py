@@ -1,0 +1,171 @@
+"""Calibration audio and the activation statistics calibrated conversions are fitted to.
+
+Calibration data is any transcribed speech: ``hub`` (LibriSpeech dev-clean streamed), a
+LibriSpeech root (its dev-clean), or any folder with LibriSpeech ``*.trans.txt`` files below it (a
+subset such as ``dev-clean`` itself) or a ``transcripts.tsv`` (``id<TAB>text``) beside its audio.
+Every fifth utterance is held out: the report's activation errors are measured on utterances the fit never saw.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .data import decode_audio, librispeech
+from .errors import MlaConvertError
+from .hosts import AttentionSite, HostAdapter
+
+HELD_OUT_EVERY = 5
+
+
+class CalibrationError(MlaConvertError):
+    """Calibration data that cannot be used (missing folder, no transcripts, overlap with test sets)."""
+
+
+def _find_audio(folder: Path, utterance_id: str) -> Path | None:
+    return next(
+        (folder / f"{utterance_id}{s}" for s in (".flac", ".wav") if (folder / f"{utterance_id}{s}").exists()), None
+    )
+
+
+def _transcript_lines(folder: Path) -> Iterable[tuple[Path, str, str]]:
+    """``(audio folder, id, text)`` from LibriSpeech ``*.trans.txt`` files (space-separated) or a
+    ``transcripts.tsv`` beside the audio (tab-separated)."""
+    transcripts = sorted(folder.rglob("*.trans.txt")) + sorted(folder.rglob("transcripts.tsv"))
+    if not transcripts:
+        raise CalibrationError(f"no *.trans.txt or transcripts.tsv under {folder}")
+    for transcript in transcripts:
+        separator = "\t" if transcript.suffix == ".tsv" else " "
+        for line in transcript.read_text(encoding="utf-8").splitlines():
+            utterance_id, _, text = line.strip().partition(separator)
+            if utterance_id:
+                yield transcript.parent, utterance_id, text.strip()
+
+
+def _corpus_rows(folder: Path, sampling_rate: int) -> Iterable[dict]:
+    for audio_folder, utterance_id, text in _transcript_lines(folder):
+        audio = _find_audio(audio_folder, utterance_id)
+        if audio is not None:
+            yield {"id": utterance_id, "text": text, "audio": decode_audio(audio, sampling_rate), "source": str(folder)}
+
+
+def _source_rows(source: str, sampling_rate: int) -> Iterable[dict]:
+    if source == "hub":
+        for row in librispeech("dev-clean", "hub", sampling_rate):
+            yield {**row, "source": "hub:dev-clean"}
+        return
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        raise CalibrationError(f"calibration folder not found: {source}")
+    for candidate in (folder / "dev-clean", folder / "LibriSpeech" / "dev-clean"):
+        if candidate.is_dir():
+            folder = candidate
+            break
+    yield from _corpus_rows(folder, sampling_rate)
+
+
+def calibration_utterances(
+    sources: Sequence[str], samples: int | None = None, sampling_rate: int = 16000
+) -> list[dict]:
+    """Up to ``samples`` utterances, taken round-robin from the sources so each contributes."""
+    streams = [iter(_source_rows(source, sampling_rate)) for source in sources]
+    rows: list[dict] = []
+    for row in itertools.chain.from_iterable(itertools.zip_longest(*streams)):
+        if row is None:
+            continue
+        rows.append(row)
+        if samples is not None and len(rows) >= samples:
+            break
+    if not rows:
+        raise CalibrationError(f"no calibration utterances found in {', '.join(sources)}")
+    return rows
+
+
+def check_disjoint(rows: Sequence[dict], evaluation_ids: Iterable[str]) -> None:
+    """Refuse calibration data that shares utterance ids with the data a model is evaluated on."""
+    overlap = sorted({row["id"] for row in rows} & set(evaluation_ids))
+    if overlap:
+        raise CalibrationError(
+            f"calibration shares {len(overlap)} utterances with the evaluation data, e.g. {overlap[0]}"
+        )
+
+
+def split_held_out(rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """``(fit, held_out)``: every fifth utterance is held out (all are fitted on if fewer than 5)."""
+    if len(rows) < HELD_OUT_EVERY:
+        return list(rows), list(rows)
+    held = [row for index, row in enumerate(rows) if index % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
+    fit = [row for index, row in enumerate(rows) if index % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
+    return fit, held
+
+
+@dataclass
+class Moments:
+    """Running first and (uncentred) second moments of vectors, in float64."""
+
+    sum_outer: torch.Tensor | None = None
+    sum: torch.Tensor | None = None
+    count: int = 0
+
+    def add(self, vectors: torch.Tensor) -> None:
+        flat = vectors.reshape(-1, vectors.shape[-1]).to(torch.float64)
+        if self.sum_outer is None:
+            self.sum_outer = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64)
+            self.sum = torch.zeros(flat.shape[1], dtype=torch.float64)
+        self.sum_outer += (flat.T @ flat).cpu()
+        self.sum += flat.sum(dim=0).cpu()
+        self.count += flat.shape[0]
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        """``E[x xᵀ]``: what ``‖(W − W')x‖²`` averages over."""
+        return self.sum_outer / max(self.count, 1)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
+
+@dataclass
+class SiteStatistics:
+    """Moments of one attention site's query-side and key/value-side inputs."""
+
+    query: Moments = field(default_factory=Moments)
+    key_value: Moments = field(default_factory=Moments)
+
+
+@torch.no_grad()
+def collect_statistics(
+    model: nn.Module, adapter: HostAdapter, sites: Sequence[AttentionSite], batches: Iterable[dict]
+) -> dict[str, SiteStatistics]:
+    """Run the *original* model on ``batches`` and accumulate each site's input moments.
+
+    The batches are materialised first: building them may itself run the model (a decoder's greedy
+    transcript), and those calls must not count.
+    """
+    batches = list(batches)
+    statistics = {site.path: SiteStatistics() for site in sites}
+    hooks = []
+    for site in sites:
+
+        def hook(module, args, kwargs, site=site):
+            inputs = adapter.site_inputs(site, args, kwargs)
+            statistics[site.path].query.add(inputs.query)
+            statistics[site.path].key_value.add(inputs.key_value)
+
+        hooks.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            model(**batch)
+    finally:
+        for handle in hooks:
+            handle.remove()
+        model.train(was_training)
+    return statistics

@@ -1,0 +1,127 @@
+"""Calibrated conversion: fitted to real layer inputs, exact at full rank, never worse than plain
+SVD on held-out inputs, per-layer latent sizes under a cache budget, calibrated GQA."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import SHARED_DATA, tiny_conformer, tiny_whisper
+
+import mla_convert
+from mla_convert import GQASpec, MLASpec, cli
+from mla_convert.calibration import CalibrationError
+from mla_convert.checkpoint import convert_checkpoint
+
+
+def audio_batches(count: int, seed: int) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    return [{"input_values": torch.randn(1, 6000, generator=generator)} for _ in range(count)]
+
+
+def conformer_logits(model, batches):
+    with torch.no_grad():
+        return torch.cat([model(**batch).logits for batch in batches], dim=1)
+
+
+@pytest.mark.parametrize("position_mode", ["relative", "rotary", None])
+@pytest.mark.parametrize("spec", [MLASpec(latent_dim=64, init="calibrated"), GQASpec(kv_heads=4, init="calibrated")])
+def test_calibrated_full_rank_conversion_is_exact(position_mode, spec):
+    model = tiny_conformer(position_mode)
+    probe = audio_batches(2, seed=9)
+    expected = conformer_logits(model, probe)
+    mla_convert.convert(model, spec, calibration=audio_batches(3, seed=1))
+    assert float((conformer_logits(model, probe) - expected).norm() / expected.norm()) <= 1e-5
+
+
+@pytest.mark.parametrize("position_mode", ["relative", "rotary"])
+def test_calibrated_latent_beats_plain_svd_on_held_out_activations(position_mode):
+    calibration, held_out = audio_batches(6, seed=2), audio_batches(3, seed=3)
+    plain = mla_convert.convert(
+        tiny_conformer(position_mode), MLASpec(latent_dim=12), calibration=calibration, held_out=held_out
+    )
+    calibrated = mla_convert.convert(
+        tiny_conformer(position_mode), MLASpec(latent_dim=12, init="calibrated"), calibration=calibration,
+        held_out=held_out,
+    )  # fmt: skip
+    assert calibrated.held_out_batches == 3 and calibrated.calibration_seconds > 0
+    for ours, theirs in zip(calibrated.layers, plain.layers, strict=True):
+        assert ours.k_activation_error + ours.v_activation_error < theirs.k_activation_error + theirs.v_activation_error
+
+
+def test_calibrated_gqa_regroups_heads_and_keeps_a_consistent_model():
+    calibration = audio_batches(4, seed=4)
+    model = tiny_conformer("relative")
+    report = mla_convert.convert(model, GQASpec(kv_heads=2, init="calibrated"), calibration=calibration)
+    assert all(layer.k_activation_error < 1.0 for layer in report.layers)
+    assert torch.isfinite(conformer_logits(model, calibration)).all()
+
+
+def test_cache_budget_sets_per_layer_latents_that_spend_it_exactly(tmp_path):
+    model = tiny_conformer("relative", num_hidden_layers=3)
+    report = mla_convert.convert(
+        model, MLASpec(cache_budget=0.125, init="calibrated"), calibration=audio_batches(4, seed=5)
+    )
+    latents = [layer["latent_dim"] for layer in model.config.attention_conversion["layers"].values()]
+    assert sum(latents) == round(0.125 * 3 * 2 * 64)
+    assert report.state_bytes_per_frame_after == sum(latents) * 4
+    model.save_pretrained(tmp_path)
+    reloaded = mla_convert.load(tmp_path)
+    assert [layer.self_attn.attention.latent_dim for layer in reloaded.wav2vec2_conformer.encoder.layers] == latents
+
+
+def test_whisper_decoder_calibrates_on_its_own_greedy_output_or_on_text():
+    from mla_convert.hosts import adapter_for
+
+    model = tiny_whisper()
+    model.generation_config.max_length = 8
+
+    class Processor:
+        class feature_extractor:  # noqa: N801 - mimics WhisperProcessor's attribute
+            @staticmethod
+            def __call__(audio, sampling_rate, return_tensors):
+                return type("Features", (), {"input_features": torch.randn(1, 16, 100)})
+
+        @staticmethod
+        def tokenizer(text, add_special_tokens):
+            return type("Tokens", (), {"input_ids": [5, 6, 7]})
+
+    Processor.feature_extractor = Processor.feature_extractor()
+    rows = [{"audio": None, "text": "A WORD"}]
+    greedy = list(adapter_for(model).calibration_inputs(model, Processor, rows, use_text=False))
+    taught = list(adapter_for(model).calibration_inputs(model, Processor, rows, use_text=True))
+    assert greedy[0]["decoder_input_ids"].shape[1] > 1
+    assert taught[0]["decoder_input_ids"][0, :4].tolist() == [1, 5, 6, 7]
+    report = mla_convert.convert(model, MLASpec(latent_dim=64, init="calibrated"), calibration=greedy + taught)
+    assert all(layer.k_activation_error < 1e-5 for layer in report.layers)
+
+
+def test_cli_calibrates_on_shared_audio_and_records_which_utterances(saved_conformer, tmp_path):
+    output = tmp_path / "calibrated"
+    dev_clean = str(SHARED_DATA / "LibriSpeech" / "dev-clean")
+    args = ["convert", str(saved_conformer), "--attention", "mla", "--latent-dim", "16", "--output", str(output),
+            "--calibration", dev_clean, "--calibration-samples", "5", "--quiet"]  # fmt: skip
+    assert cli.main(args) == 0
+    report = json.loads((output / "conversion_report.json").read_text())
+    assert report["spec"]["init"] == "calibrated"
+    assert len(report["calibration_ids"]) == 4 and len(report["held_out_ids"]) == 1
+    assert not set(report["calibration_ids"]) & set(report["held_out_ids"])
+    assert all(layer["k_activation_error"] is not None for layer in report["layers"])
+
+
+def test_calibration_must_not_touch_the_evaluation_data(saved_conformer, tmp_path):
+    dev_clean = SHARED_DATA / "LibriSpeech" / "dev-clean"
+    with pytest.raises(CalibrationError, match="shares 1 utterances"):
+        convert_checkpoint(
+            str(saved_conformer), MLASpec(latent_dim=8, init="calibrated"), tmp_path / "out",
+            calibration=[str(dev_clean)], calibration_samples=3, exclude_ids=["1272-128104-0001"], progress=False,
+        )  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibrated_init_without_audio_is_one_line(saved_conformer, tmp_path, capsys):
+    args = ["convert", str(saved_conformer), "--attention", "mla", "--latent-dim", "8", "--init", "calibrated",
+            "--output", str(tmp_path / "out")]  # fmt: skip
+    assert cli.main(args) == 2
+    assert "needs calibration audio" in capsys.readouterr().err

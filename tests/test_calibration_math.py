@@ -1,0 +1,73 @@
+"""Calibrated (activation-aware) factorisation and budget allocation, on synthetic data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mla_convert.init.budget import allocate_ranks, predicted_error
+from mla_convert.init.svd import low_rank_factors
+from mla_convert.init.whitening import calibrated_low_rank_factors, whitened_svd
+
+
+def test_identity_covariance_gives_the_plain_truncated_svd():
+    torch.manual_seed(0)
+    weight = torch.randn(48, 32, dtype=torch.float64)
+    for rank in (4, 16, 32):
+        up, down = calibrated_low_rank_factors(weight, torch.eye(32), rank, damping=0.0)
+        plain_up, plain_down = low_rank_factors(weight, rank)
+        assert torch.allclose(up @ down, plain_up @ plain_down, atol=1e-5)
+
+
+def test_whitening_recovers_the_exact_subspace_of_low_rank_activations():
+    torch.manual_seed(1)
+    basis = torch.linalg.qr(torch.randn(32, 5, dtype=torch.float64)).Q  # activations live in 5 dims
+    activations = basis @ torch.randn(5, 2000, dtype=torch.float64)
+    covariance = activations @ activations.T / activations.shape[1]
+    weight = torch.randn(48, 32, dtype=torch.float64)
+    up, down = calibrated_low_rank_factors(weight, covariance, rank=5, damping=1e-9)
+    error = ((weight - up @ down) @ activations).norm() / (weight @ activations).norm()
+    assert error < 1e-6
+    plain_up, plain_down = low_rank_factors(weight, 5)
+    plain_error = ((weight - plain_up @ plain_down) @ activations).norm() / (weight @ activations).norm()
+    assert plain_error > 0.3
+    spectrum = whitened_svd(weight, covariance, damping=1e-9)[1]
+    assert predicted_error(spectrum, 5) < 1e-9
+
+
+def test_calibrated_error_never_exceeds_plain_svd_on_the_calibration_inputs():
+    torch.manual_seed(2)
+    mixing = torch.randn(32, 32, dtype=torch.float64) * torch.logspace(0, -2, 32, dtype=torch.float64)
+    activations = mixing @ torch.randn(32, 4000, dtype=torch.float64)
+    covariance = activations @ activations.T / activations.shape[1]
+    weight = torch.randn(64, 32, dtype=torch.float64)
+    for rank in (2, 8, 16):
+        up, down = calibrated_low_rank_factors(weight, covariance, rank, damping=1e-10)
+        plain_up, plain_down = low_rank_factors(weight, rank)
+        calibrated = ((weight - up @ down) @ activations).norm()
+        plain = ((weight - plain_up @ plain_down) @ activations).norm()
+        assert calibrated <= plain * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("budget", [4, 10, 37, 64])
+def test_budget_allocation_spends_exactly_the_budget(budget):
+    torch.manual_seed(3)
+    spectra = [torch.rand(16).sort(descending=True).values * scale for scale in (1.0, 3.0, 0.5, 2.0)]
+    ranks = allocate_ranks(spectra, budget)
+    assert sum(ranks) == budget and all(1 <= rank <= 16 for rank in ranks)
+
+
+def test_budget_goes_where_the_spectrum_is_flat():
+    flat = torch.ones(16)
+    steep = torch.tensor([10.0] + [0.01] * 15)
+    ranks = allocate_ranks([steep, flat], budget=12)
+    assert ranks[1] > ranks[0]
+    brute = min((predicted_error(steep, r) + predicted_error(flat, 12 - r), r) for r in range(1, 12))
+    assert ranks[0] == brute[1]
+
+
+def test_impossible_budgets_are_refused():
+    with pytest.raises(ValueError):
+        allocate_ranks([torch.ones(4), torch.ones(4)], budget=1)
+    with pytest.raises(ValueError):
+        allocate_ranks([torch.ones(4), torch.ones(4)], budget=9)

@@ -44,12 +44,16 @@ class Variant:
     name: str
     spec: AttentionSpec | None = None
     targets: tuple[str, ...] = ("decoder",)
+    calibration: tuple[str, ...] = ()
+    calibration_text: bool = False
 
     @property
     def description(self) -> str:
         if self.spec is None:
             return "original (MHA)"
         details = ", ".join(f"{k}={v}" for k, v in spec_to_dict(self.spec).items() if k != "attention")
+        if self.calibration:
+            details += ", calibrated on " + ("transcripts" if self.calibration_text else "own greedy output")
         return f"{self.spec.attention.upper()} ({details}) on {'+'.join(self.targets)}"
 
 
@@ -88,17 +92,29 @@ def run_variants(
     """Convert every variant, evaluate all of them in one run, return the table rows and the JSON."""
     base_dir = resolve_model_id(base)
     config = load_config(base_dir)
+    evaluation_ids = _evaluation_ids(data, splits) if any(v.calibration for v in variants) else []
     base_name = re.sub(r"[^A-Za-z0-9_.-]+", "-", base.removeprefix("bundled:")).strip("-")
-    model_ids, cache_bytes = [], []
+    model_ids, cache_bytes, calibration_seconds = [], [], []
     for variant in variants:
         if variant.spec is None:
             model_ids.append(base_dir)
             cache_bytes.append(_decoder_cache_bytes(config))
+            calibration_seconds.append(None)
             continue
         output = Path(checkpoints_dir) / f"{base_name}-{variant.name}"
         report = convert_checkpoint(
-            base_dir, variant.spec, output, overwrite=True, targets=list(variant.targets), progress=False
+            base_dir,
+            variant.spec,
+            output,
+            overwrite=True,
+            targets=list(variant.targets),
+            calibration=list(variant.calibration) or None,
+            calibration_samples=None,
+            calibration_text=variant.calibration_text,
+            exclude_ids=evaluation_ids,
+            progress=False,
         )
+        calibration_seconds.append(report.calibration_seconds if variant.calibration else None)
         model_ids.append(str(output))
         cache_bytes.append(_decoder_cache_bytes(config, report) if variant.targets == ("decoder",) else None)
         logger.info("converted %s: %s", variant.name, output)
@@ -114,9 +130,11 @@ def run_variants(
     )
     by_model = {(entry["model"], entry["split"]): entry for entry in payload["results"]}
     rows = []
-    for variant, model_id, per_token in zip(variants, model_ids, cache_bytes, strict=True):
+    for variant, model_id, per_token, seconds in zip(
+        variants, model_ids, cache_bytes, calibration_seconds, strict=True
+    ):
         row = {"variant": variant.name, "description": variant.description, "model": model_id,
-               "decoder_cache_bytes_per_token": per_token, "splits": {}}  # fmt: skip
+               "decoder_cache_bytes_per_token": per_token, "calibration_seconds": seconds, "splits": {}}  # fmt: skip
         for split in splits:
             entry = by_model.get((model_id, split), {})
             row["splits"][split] = {
@@ -137,10 +155,21 @@ def run_variants(
     return rows, path
 
 
+def _evaluation_ids(data: str | None, splits: Sequence[str]) -> list[str]:
+    """Utterance ids of the evaluation data (a local root); calibration must not share any."""
+    from .data import iter_local_index, resolve_source
+
+    source = resolve_source(data)
+    if str(source) == "hub":
+        return []  # Hub calibration is dev-clean, disjoint from the test splits by construction
+    return [row["id"] for split in splits for row in iter_local_index(source, split)]
+
+
 def format_markdown(rows: Sequence[dict], splits: Sequence[str]) -> str:
     """A Markdown table: WER (S/D/I, generation-limit hits) per split and cache bytes per token."""
     original = rows[0]["decoder_cache_bytes_per_token"] if rows else None
-    header = ["variant", "decoder K/V cache B/token"]
+    calibrated = any(row.get("calibration_seconds") is not None for row in rows)
+    header = ["variant", "decoder K/V cache B/token"] + (["calibration s"] if calibrated else [])
     for split in splits:
         header += [f"{split} WER %", f"{split} S/D/I", f"{split} at limit"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -150,6 +179,9 @@ def format_markdown(rows: Sequence[dict], splits: Sequence[str]) -> str:
             "-" if per_token is None else f"{per_token}" + (f" ({100 * per_token / original:.1f}%)" if original else "")
         )
         cells = [f"{row['variant']}: {row['description']}", cache]
+        if calibrated:
+            seconds = row.get("calibration_seconds")
+            cells.append("-" if seconds is None else f"{seconds:.0f}")
         for split in splits:
             result = row["splits"][split]
             wer = "-" if result["wer"] is None else f"{100 * result['wer']:.2f}"

@@ -9,7 +9,7 @@ Every fifth utterance is held out: the report's activation errors are measured o
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from torch import nn
 from .data import decode_audio, librispeech
 from .errors import MlaConvertError
 from .hosts import AttentionSite, HostAdapter
+from .hosts.base import SiteInputs
 
 HELD_OUT_EVERY = 5
 
@@ -140,23 +141,19 @@ class SiteStatistics:
 
 
 @torch.no_grad()
-def collect_statistics(
-    model: nn.Module, adapter: HostAdapter, sites: Sequence[AttentionSite], batches: Iterable[dict]
-) -> dict[str, SiteStatistics]:
-    """Run the *original* model on ``batches`` and accumulate each site's input moments.
-
-    The batches are materialised first: building them may itself run the model (a decoder's greedy
-    transcript), and those calls must not count.
-    """
-    batches = list(batches)
-    statistics = {site.path: SiteStatistics() for site in sites}
+def observe_sites(
+    model: nn.Module,
+    adapter: HostAdapter,
+    sites: Sequence[AttentionSite],
+    batches: Iterable[dict],
+    record: Callable[[AttentionSite, SiteInputs], None],
+) -> None:
+    """Run the model (in eval mode) on ``batches``; ``record`` sees every call of every site."""
     hooks = []
     for site in sites:
 
         def hook(module, args, kwargs, site=site):
-            inputs = adapter.site_inputs(site, args, kwargs)
-            statistics[site.path].query.add(inputs.query)
-            statistics[site.path].key_value.add(inputs.key_value)
+            record(site, adapter.site_inputs(site, args, kwargs))
 
         hooks.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
     was_training = model.training
@@ -168,4 +165,22 @@ def collect_statistics(
         for handle in hooks:
             handle.remove()
         model.train(was_training)
+
+
+def collect_statistics(
+    model: nn.Module, adapter: HostAdapter, sites: Sequence[AttentionSite], batches: Iterable[dict]
+) -> dict[str, SiteStatistics]:
+    """Run the *original* model on ``batches`` and accumulate each site's input moments.
+
+    The batches are materialised first: building them may itself run the model (a decoder's greedy
+    transcript), and those calls must not count.
+    """
+    batches = list(batches)
+    statistics = {site.path: SiteStatistics() for site in sites}
+
+    def record(site: AttentionSite, inputs: SiteInputs) -> None:
+        statistics[site.path].query.add(inputs.query)
+        statistics[site.path].key_value.add(inputs.key_value)
+
+    observe_sites(model, adapter, sites, batches, record)
     return statistics

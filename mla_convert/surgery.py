@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .calibration import collect_statistics
+from .calibration import collect_statistics, observe_sites
 from .errors import SpecError, UnsupportedModelError
 from .hosts import AttentionSite, AttentionWeights, HostAdapter, adapter_for
 from .init.budget import allocate_ranks
@@ -189,28 +189,16 @@ def _layer_report(site: AttentionSite, attention, weights, itemsize: int) -> Lay
     )
 
 
-@torch.no_grad()
-def _capture_site_inputs(model, adapter: HostAdapter, sites, calibration) -> dict[str, list]:
-    """Run the *original* model on the calibration batches and keep each site's K/V input."""
+def _capture_site_inputs(model, adapter: HostAdapter, sites, batches) -> dict[str, list]:
+    """Run the *original* model on ``batches`` and keep each site's K/V input (for error reports)."""
+    batches = list(batches)  # building them may run the model (greedy transcripts): not counted
     captured: dict[str, list] = {site.path: [] for site in sites}
-    hooks = []
-    for site in sites:
 
-        def hook(module, args, kwargs, site=site):
-            inputs = adapter.site_inputs(site, args, kwargs)
-            positions = None if inputs.positions is None else inputs.positions.detach().float().cpu()
-            captured[site.path].append((inputs.key_value.detach().float().cpu(), positions))
+    def record(site, inputs) -> None:
+        positions = None if inputs.positions is None else inputs.positions.detach().float().cpu()
+        captured[site.path].append((inputs.key_value.detach().float().cpu(), positions))
 
-        hooks.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in calibration:
-            model(**batch)
-    finally:
-        for handle in hooks:
-            handle.remove()
-        model.train(was_training)
+    observe_sites(model, adapter, sites, batches, record)
     return captured
 
 

@@ -212,8 +212,6 @@ def test_a_killed_process_resumes_with_the_same_command(ctc_model, tmp_path):
             break
         time.sleep(0.005)
     process.wait()
-    if process.returncode == 0:
-        pytest.skip("the run finished before it could be killed")
     assert process.returncode == -signal.SIGKILL and not output.exists()
     killed_at = len([line for line in journal_file.read_text().splitlines() if '"type": "utterance"' in line])
     assert 3 <= killed_at < 60

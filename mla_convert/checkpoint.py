@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -36,6 +37,31 @@ def save_processor(model_id: str, output: Path) -> bool:
         except (OSError, ValueError, TypeError, KeyError):
             continue
     return saved
+
+
+_CALIBRATION_CACHE: dict[tuple, tuple] = {}
+
+
+def _calibration_batches(model_id, model, adapter, sources, samples, use_text, exclude_ids):
+    """Calibration utterances, split fit / held-out, turned into model inputs (for a decoder this
+    runs greedy decoding). Kept for the next conversion of the same model in this process, so a
+    table of variants decodes the calibration audio once; the build time is reported each time."""
+    key = (str(model_id), tuple(sources), samples, use_text)
+    if key not in _CALIBRATION_CACHE:
+        from transformers import AutoProcessor
+
+        started = time.perf_counter()
+        processor = AutoProcessor.from_pretrained(model_id)
+        rate = getattr(getattr(processor, "feature_extractor", processor), "sampling_rate", 16000)
+        rows = calibration_utterances(sources, samples, rate)
+        fit, held_out = split_held_out(rows)
+        fit_batches = list(adapter.calibration_inputs(model, processor, fit, use_text))
+        held_out_batches = list(adapter.calibration_inputs(model, processor, held_out, use_text))
+        _CALIBRATION_CACHE.clear()
+        _CALIBRATION_CACHE[key] = (fit, held_out, fit_batches, held_out_batches, time.perf_counter() - started)
+    fit, held_out, fit_batches, held_out_batches, seconds = _CALIBRATION_CACHE[key]
+    check_disjoint(fit + held_out, exclude_ids)
+    return fit, held_out, fit_batches, held_out_batches, seconds
 
 
 def convert_checkpoint(
@@ -72,15 +98,9 @@ def convert_checkpoint(
         model = load_pretrained(model_id, config=config)
         fit_batches = held_out_batches = None
         if calibration:
-            from transformers import AutoProcessor
-
-            processor = AutoProcessor.from_pretrained(model_id)
-            rate = getattr(getattr(processor, "feature_extractor", processor), "sampling_rate", 16000)
-            rows = calibration_utterances(calibration, calibration_samples, rate)
-            check_disjoint(rows, exclude_ids)
-            fit, held_out = split_held_out(rows)
-            fit_batches = adapter.calibration_inputs(model, processor, fit, calibration_text)
-            held_out_batches = adapter.calibration_inputs(model, processor, held_out, calibration_text)
+            fit, held_out, fit_batches, held_out_batches, build_seconds = _calibration_batches(
+                model_id, model, adapter, calibration, calibration_samples, calibration_text, exclude_ids
+            )
         report = convert(
             model,
             spec,
@@ -92,6 +112,7 @@ def convert_checkpoint(
         )
         report.base_model = requested_id
         if calibration:
+            report.calibration_seconds += build_seconds
             report.calibration_sources = list(calibration)
             report.calibration_ids = [row["id"] for row in fit]
             report.held_out_ids = [row["id"] for row in held_out]

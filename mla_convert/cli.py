@@ -189,7 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--balance-kv", action="store_true", help="MLA calibrated: weigh K and V equally")
     convert.add_argument("--kv-heads", type=int, help="GQA: number of key/value heads")
-    convert.add_argument("--feature-map", default="elu", choices=("elu", "relu"), help="linear attention kernel")
+    convert.add_argument(
+        "--feature-map",
+        default="elu",
+        choices=("elu", "relu", "hedgehog"),
+        help="linear attention kernel (hedgehog: learnable, fitted by attention transfer on --calibration audio)",
+    )
     convert.add_argument("--layers", type=int, nargs="+", help="only these layer indices (default: all)")
     convert.add_argument("--targets", nargs="+", help="attention roles to convert where a model has several")
     convert.add_argument("--output", required=True, help="directory to write the converted model to")

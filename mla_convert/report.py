@@ -18,6 +18,8 @@ class LayerReport:
     fixed_state_bytes_after: int = 0
     k_activation_error: float | None = None
     v_activation_error: float | None = None
+    transfer_loss_before: float | None = None
+    transfer_loss_after: float | None = None
 
 
 @dataclass

@@ -64,6 +64,8 @@ def seed_attention(
     elif isinstance(attention, LinearAttention):
         _assign(attention.k_proj, weights.k_weight, weights.k_bias)
         _assign(attention.v_proj, weights.v_weight, weights.v_bias)
+        if attention.feature_map == "hedgehog":  # identity start; attention transfer trains it
+            attention.feature_weight.copy_(torch.eye(attention.head_dim).expand_as(attention.feature_weight))
     else:
         raise TypeError(f"no seeding rule for {type(attention).__name__}")
     return weights

@@ -14,7 +14,7 @@ from .errors import SpecError
 
 MLA_INITS = ("svd", "svd-split", "calibrated")
 GQA_INITS = ("mean-pool", "calibrated")
-FEATURE_MAPS = ("elu", "relu")
+FEATURE_MAPS = ("elu", "relu", "hedgehog")
 
 
 @dataclass(frozen=True)
@@ -107,12 +107,20 @@ class GQASpec:
 
 @dataclass(frozen=True)
 class LinearSpec:
-    """Kernelised linear attention with feature map φ (``elu`` = elu+1); projections are kept."""
+    """Kernelised linear attention with feature map φ; the trained projections are kept.
+
+    ``elu`` (elu+1) and ``relu`` are fixed maps; ``hedgehog`` is learnable and is fitted on
+    calibration audio to reproduce each layer's softmax attention weights (attention transfer).
+    """
 
     feature_map: str = "elu"
     init: str = "copy"
+    transfer_steps: int = 300
     attention: ClassVar[str] = "linear"
-    needs_calibration: ClassVar[bool] = False
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.feature_map == "hedgehog"
 
     def validate(self, hidden_size: int, num_heads: int) -> None:
         if self.feature_map not in FEATURE_MAPS:

@@ -14,6 +14,7 @@ from . import __version__
 from .calibration import collect_statistics, observe_sites
 from .errors import SpecError, UnsupportedModelError
 from .hosts import AttentionSite, AttentionWeights, HostAdapter, adapter_for
+from .init.attention_transfer import fit_feature_maps
 from .init.budget import allocate_ranks
 from .init.svd import relative_error
 from .modeling.attention_build import build_attention
@@ -70,12 +71,14 @@ def convert(
     )
     if spec.needs_calibration and calibration is None:
         raise SpecError(f"--init {spec.init} needs calibration audio (--calibration)")
-    statistics = None
+    statistics = transfer_samples = None
     if calibration is not None:
         calibration = list(calibration)
         report.calibration_batches = len(calibration)
         started_calibration = time.perf_counter()
         statistics = collect_statistics(model, adapter, sites, calibration)
+        if getattr(spec, "feature_map", None) == "hedgehog":
+            transfer_samples = _capture_attention_samples(model, adapter, sites, calibration)
         report.calibration_seconds = time.perf_counter() - started_calibration
     evaluation = list(held_out) if held_out is not None else calibration
     captured = _capture_site_inputs(model, adapter, sites, evaluation) if evaluation is not None else None
@@ -100,7 +103,17 @@ def convert(
         attention = adapter.attention_of(replacement)
         site_statistics = statistics[site.path] if statistics is not None else None
         weights = seed_attention(attention, weights, spec, site_statistics)
+        transfer = None
+        if transfer_samples is not None:
+            transfer = fit_feature_maps(
+                attention,
+                _reference_attention(weights, config, is_causal=attention.is_causal),
+                transfer_samples[site.path],
+                spec.transfer_steps,
+            )
         layer = _layer_report(site, attention, weights, itemsize)
+        if transfer is not None:
+            layer.transfer_loss_before, layer.transfer_loss_after = transfer
         if captured is not None:
             layer.k_activation_error, layer.v_activation_error = _activation_errors(
                 attention, weights, captured[site.path], config
@@ -202,16 +215,41 @@ def _capture_site_inputs(model, adapter: HostAdapter, sites, batches) -> dict[st
     return captured
 
 
-@torch.no_grad()
-def _activation_errors(attention, weights, inputs, config) -> tuple[float, float]:
-    """Relative K and V errors on real layer inputs, against the original projections."""
+def _capture_attention_samples(model, adapter: HostAdapter, sites, batches) -> dict[str, list]:
+    """Per site, ``(query input, key/value input or None, positions)`` of each calibration call."""
+    samples: dict[str, list] = {site.path: [] for site in sites}
+
+    def record(site, inputs) -> None:
+        cross = inputs.key_value is not inputs.query
+        samples[site.path].append(
+            (
+                inputs.query.detach().float().cpu(),
+                inputs.key_value.detach().float().cpu() if cross else None,
+                None if inputs.positions is None else inputs.positions.detach().float().cpu(),
+            )
+        )
+
+    observe_sites(model, adapter, sites, batches, record)
+    return samples
+
+
+def _reference_attention(weights: AttentionWeights, config, is_causal: bool = False):
+    """The original multi-head attention rebuilt from its weights (GQA with every head kept)."""
     reference = build_attention(
         {"attention": "gqa", "kv_heads": weights.geometry.num_heads},
         weights.geometry,
         weights.position_mode,
         config,
+        is_causal=is_causal,
     )
     seed_attention(reference, weights)
+    return reference.eval()
+
+
+@torch.no_grad()
+def _activation_errors(attention, weights, inputs, config) -> tuple[float, float]:
+    """Relative K and V errors on real layer inputs, against the original projections."""
+    reference = _reference_attention(weights, config)
     sums = torch.zeros(4, dtype=torch.float64)
     for states, positions in inputs:
         key, value = attention.key_value(states, positions)

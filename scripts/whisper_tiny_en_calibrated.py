@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Calibrated conversions of the bundled Whisper tiny.en decoder self-attention, no fine-tuning:
-MLA at d_c 192/96/48 and under a 12.5% cache budget, GQA with kv_heads 3/2/1, all calibrated on the
+MLA at d_c 192/96/48 and under a 12.5% cache budget, GQA with kv_heads 3/2/1 and Hedgehog linear
+attention (feature maps fitted by attention transfer), all calibrated on the
 model's own greedy output over calibration audio that shares no utterance with the evaluation data
 (checked by id). Writes results/whisper_tiny_en_calibrated.{md,png,json}; the plain-SVD rows to
 compare with are in results/whisper_tiny_en.md (same data, same evaluation).
@@ -16,13 +17,15 @@ import time
 from pathlib import Path
 
 from mla_convert.demo import DEFAULT_SPLITS, Variant, run_variants, write_report
-from mla_convert.specs import GQASpec, MLASpec
+from mla_convert.specs import GQASpec, LinearSpec, MLASpec
 
 NOTES = """Bundled Whisper tiny.en, decoder self-attention only, no fine-tuning, greedy decoding, Whisper's
 English normaliser. Calibration: second moments of each layer's K/V input, collected by running
 the original model teacher-forced on its own greedy transcripts of the calibration audio (label
 free); MLA = whitened joint SVD (Cholesky, damping 1e-2), GQA = heads grouped by activation
-similarity and merged by weighted least squares. "calibration s" is the wall time of that pass
+similarity and merged by weighted least squares; Hedgehog = linear attention whose learnable
+feature maps are trained (300 Adam steps per layer) to reproduce the softmax attention weights.
+"calibration s" is the wall time of that pass
 (greedy decoding included) on this 2-core CPU while other jobs ran. The budget row spreads 12.5%
 of the MHA K/V values per token over the 4 layers by the calibrated spectra (per-layer sizes in
 the JSON's config). "at limit": utterances whose generation hit the token limit (looping).
@@ -45,6 +48,7 @@ def main() -> None:
     variants.append(Variant("mla-budget-12.5-cal", MLASpec(cache_budget=0.125, init="calibrated"), calibration=sources))
     variants += [Variant(f"gqa-{g}-cal", GQASpec(kv_heads=g, init="calibrated"), calibration=sources)
                  for g in (3, 2, 1)]  # fmt: skip
+    variants.append(Variant("linear-hedgehog", LinearSpec(feature_map="hedgehog"), calibration=sources))
     started = time.perf_counter()
     rows, journal = run_variants(
         variants,

@@ -10,7 +10,7 @@ import torch
 from conftest import SHARED_DATA, tiny_conformer, tiny_whisper
 
 import mla_convert
-from mla_convert import GQASpec, MLASpec, cli
+from mla_convert import GQASpec, LinearSpec, MLASpec, cli
 from mla_convert.calibration import CalibrationError
 from mla_convert.checkpoint import convert_checkpoint
 
@@ -125,3 +125,37 @@ def test_calibrated_init_without_audio_is_one_line(saved_conformer, tmp_path, ca
             "--output", str(tmp_path / "out")]  # fmt: skip
     assert cli.main(args) == 2
     assert "needs calibration audio" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("position_mode", ["relative", "rotary"])
+def test_hedgehog_attention_transfer_brings_linear_attention_closer_to_softmax(position_mode, tmp_path):
+    calibration = audio_batches(3, seed=6)
+    probe = audio_batches(2, seed=7)
+    original = tiny_conformer(position_mode)
+    expected = conformer_logits(original, probe)
+    fixed = tiny_conformer(position_mode)
+    mla_convert.convert(fixed, LinearSpec(feature_map="elu"))
+    learned = tiny_conformer(position_mode)
+    report = mla_convert.convert(
+        learned, LinearSpec(feature_map="hedgehog", transfer_steps=150), calibration=calibration
+    )
+    assert all(layer.transfer_loss_after < layer.transfer_loss_before for layer in report.layers)
+
+    def error(model):
+        return float((conformer_logits(model, probe) - expected).norm() / expected.norm())
+
+    assert error(learned) < error(fixed)
+    learned.save_pretrained(tmp_path)
+    assert torch.allclose(conformer_logits(mla_convert.load(tmp_path), probe), conformer_logits(learned, probe))
+
+
+def test_hedgehog_on_a_whisper_decoder_learns_the_causal_pattern():
+    model = tiny_whisper()
+    generator = torch.Generator().manual_seed(8)
+    batches = [
+        {"input_features": torch.randn(1, 16, 100, generator=generator),
+         "decoder_input_ids": torch.randint(3, 100, (1, 12), generator=generator)}
+        for _ in range(3)
+    ]  # fmt: skip
+    report = mla_convert.convert(model, LinearSpec(feature_map="hedgehog", transfer_steps=100), calibration=batches)
+    assert all(layer.transfer_loss_after < layer.transfer_loss_before for layer in report.layers)

@@ -182,6 +182,17 @@ class ConvertedAttention(nn.Module, ABC):
         output = output.reshape(*hidden_states.shape[:-1], -1)
         return self.out_proj(output), weights
 
+    def content_query_and_bias(
+        self, query: torch.Tensor, key_length: int, position_embeddings: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Relative mode: the content query ``q + u`` and the position term (b+d); else ``(q, None)``."""
+        if self.position_mode != "relative":
+            return query, None
+        position_bias = relative_position_scores(
+            query, position_embeddings, self.pos_proj, self.pos_bias_v, key_length, self.scaling
+        )
+        return query + self.pos_bias_u[None, :, None, :], position_bias
+
     def attend(
         self,
         query: torch.Tensor,
@@ -193,12 +204,7 @@ class ConvertedAttention(nn.Module, ABC):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Softmax attention over the keys/values rebuilt from ``state``; ``[B, T, H, d]`` out."""
         key, value = self.expand_state(state, rotary)
-        position_bias = None
-        if self.position_mode == "relative":
-            position_bias = relative_position_scores(
-                query, position_embeddings, self.pos_proj, self.pos_bias_v, key.shape[2], self.scaling
-            )
-            query = query + self.pos_bias_u[None, :, None, :]
+        query, position_bias = self.content_query_and_bias(query, key.shape[2], position_embeddings)
         implementation = getattr(self.config, "_attn_implementation", None) or "eager"
         attention = eager_attention if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
         kwargs.pop("output_attentions", None)
@@ -213,3 +219,27 @@ class ConvertedAttention(nn.Module, ABC):
             position_bias=position_bias,
             **kwargs,
         )
+
+    def causal_mask(self, query_length: int, key_length: int, device) -> torch.Tensor | None:
+        """``[1, 1, Tq, Tk]`` bool (True = may attend) for a causal module; ``None`` otherwise."""
+        if not self.is_causal:
+            return None
+        allowed = torch.ones(query_length, key_length, dtype=torch.bool, device=device)
+        return allowed.tril(key_length - query_length)[None, None]
+
+    def attention_weights(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: torch.Tensor | None = None,
+        key_value_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The attention probabilities ``[B, H, Tq, Tk]`` for one unpadded sequence (causal if the
+        module is): what attention transfer teaches a linear attention to imitate."""
+        rotary = self.rotary_of(position_embeddings)
+        query = self.project_query(hidden_states, rotary)
+        kv_input = hidden_states if key_value_states is None else key_value_states
+        key, value = self.expand_state(self.kv_state(kv_input, rotary), rotary)
+        query, position_bias = self.content_query_and_bias(query, key.shape[2], position_embeddings)
+        mask = self.causal_mask(query.shape[2], key.shape[2], query.device)
+        scaling = 1.0 if self.geometry.scale_query else self.scaling
+        return eager_attention(self, query, key, value, mask, scaling=scaling, position_bias=position_bias)[1]

@@ -27,6 +27,9 @@ FEATURE_MAPS = {
     "elu": lambda x: nn.functional.elu(x) + 1.0,
     "relu": nn.functional.relu,
 }
+# Hedgehog (Zhang et al., 2024): φ(x) = [softmax(x W_h), softmax(−x W_h)] with a learnable d×d map per
+# head, trained by attention transfer to reproduce the softmax attention weights.
+LEARNED_FEATURE_MAPS = ("hedgehog",)
 
 
 class LinearAttention(ConvertedAttention):
@@ -44,12 +47,16 @@ class LinearAttention(ConvertedAttention):
         dropout: float = 0.0,
     ) -> None:
         super().__init__(geometry, position_mode, config, is_causal=is_causal, dropout=dropout)
-        if feature_map not in FEATURE_MAPS:
-            raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
+        known = sorted([*FEATURE_MAPS, *LEARNED_FEATURE_MAPS])
+        if feature_map not in known:
+            raise ValueError(f"feature_map must be one of {known}, got {feature_map!r}")
         self.feature_map = feature_map
         self.eps = eps
         self.k_proj = nn.Linear(geometry.hidden_size, geometry.hidden_size, bias=geometry.k_bias)
         self.v_proj = nn.Linear(geometry.hidden_size, geometry.hidden_size, bias=geometry.v_bias)
+        if feature_map == "hedgehog":
+            identity = torch.eye(self.head_dim).expand(self.num_heads, -1, -1).clone()
+            self.feature_weight = nn.Parameter(identity)
 
     @classmethod
     def from_spec(cls, spec: dict, geometry: AttentionGeometry, position_mode: str, config=None, **kwargs):
@@ -64,31 +71,57 @@ class LinearAttention(ConvertedAttention):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return state[0], state[1]
 
+    @property
+    def feature_dim(self) -> int:
+        return 2 * self.head_dim if self.feature_map == "hedgehog" else self.head_dim
+
     def state_values_per_token(self) -> int:
-        # An encoder keeps nothing per token (the history is a fixed d×(d+1) sum per head); a
+        # An encoder keeps nothing per token (the history is a fixed F×(d+1) sum per head); a
         # decoder caches its keys and values (see the module docstring).
         return 2 * self.num_heads * self.head_dim if self.is_causal else 0
 
     def fixed_state_values(self) -> int:
-        return 0 if self.is_causal else self.num_heads * self.head_dim * (self.head_dim + 1)
+        return 0 if self.is_causal else self.num_heads * self.feature_dim * (self.head_dim + 1)
+
+    def features(self, states: torch.Tensor, is_query: bool) -> torch.Tensor:
+        """φ of queries or keys ``[B, H, T, d]``, each scaled by √scaling first (so φ(q)·φ(k) sees
+        the same ``q·k/√d`` as softmax; Whisper-style hosts have already scaled the query)."""
+        scale = self.scaling**0.5
+        if is_query and self.geometry.scale_query:
+            scale = self.scaling**-0.5
+        states = states * scale
+        if self.feature_map == "hedgehog":
+            projected = torch.einsum("bhtd,hde->bhte", states, self.feature_weight)
+            return torch.cat([projected.softmax(dim=-1), (-projected).softmax(dim=-1)], dim=-1)
+        return FEATURE_MAPS[self.feature_map](states)
+
+    def _masked_weights(self, query, key, attention_mask) -> torch.Tensor:
+        """Normalised ``φ(q)φ(k)ᵀ`` with the causal and padding masks applied (zeroed)."""
+        weights = torch.matmul(query, key.transpose(2, 3))
+        causal = self.causal_mask(query.shape[2], key.shape[2], query.device)
+        if causal is not None:
+            weights = weights * causal
+        if attention_mask is not None:
+            allowed = attention_mask[..., : key.shape[2]]
+            allowed = allowed if allowed.dtype == torch.bool else allowed > torch.finfo(allowed.dtype).min / 2
+            weights = weights * allowed
+        return weights / (weights.sum(-1, keepdim=True) + self.eps)
+
+    def attention_weights(self, hidden_states, position_embeddings=None, key_value_states=None) -> torch.Tensor:
+        rotary = self.rotary_of(position_embeddings)
+        query = self.project_query(hidden_states, rotary)
+        kv_input = hidden_states if key_value_states is None else key_value_states
+        key, _ = self.kv_state(kv_input, rotary)
+        query, _ = self.content_query_and_bias(query, key.shape[2], position_embeddings)
+        return self._masked_weights(self.features(query, True), self.features(key, False), None)
 
     def attend(self, query, state, attention_mask, position_embeddings, rotary, **kwargs):
         key, value = state
-        if self.position_mode == "relative":
+        if self.position_mode == "relative":  # the content bias only: see the module docstring
             query = query + self.pos_bias_u[None, :, None, :]
-        phi = FEATURE_MAPS[self.feature_map]
-        query, key = phi(query * self.scaling**0.5), phi(key * self.scaling**0.5)
+        query, key = self.features(query, True), self.features(key, False)
         if self.is_causal:
-            weights = torch.matmul(query, key.transpose(2, 3))
-            offset = key.shape[2] - query.shape[2]
-            causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device)
-            weights = weights * causal.tril(offset)
-            if attention_mask is not None:
-                allowed = attention_mask[..., : key.shape[2]]
-                allowed = allowed if allowed.dtype == torch.bool else allowed > torch.finfo(allowed.dtype).min / 2
-                weights = weights * allowed
-            weights = weights / (weights.sum(-1, keepdim=True) + self.eps)
-            return torch.matmul(weights, value).transpose(1, 2), None
+            return torch.matmul(self._masked_weights(query, key, attention_mask), value).transpose(1, 2), None
         keep = key_padding_mask(attention_mask, key.shape[2])
         if keep is not None:
             key = key * keep[:, None, :, None].to(key.dtype)

@@ -159,3 +159,22 @@ def test_hedgehog_on_a_whisper_decoder_learns_the_causal_pattern():
     ]  # fmt: skip
     report = mla_convert.convert(model, LinearSpec(feature_map="hedgehog", transfer_steps=100), calibration=batches)
     assert all(layer.transfer_loss_after < layer.transfer_loss_before for layer in report.layers)
+
+
+@pytest.mark.parametrize("targets", [["decoder"], ["cross"], ["encoder"]])
+@pytest.mark.parametrize("spec", [MLASpec(latent_dim=64, init="calibrated"), GQASpec(kv_heads=4, init="calibrated")])
+def test_calibrated_whisper_attention_of_every_role_is_exact_at_full_rank(targets, spec):
+    model = tiny_whisper()
+    generator = torch.Generator().manual_seed(10)
+    batches = [
+        {"input_features": torch.randn(1, 16, 100, generator=generator),
+         "decoder_input_ids": torch.randint(3, 100, (1, 9), generator=generator)}
+        for _ in range(2)
+    ]  # fmt: skip
+    with torch.no_grad():
+        expected = model(**batches[0]).logits
+    report = mla_convert.convert(model, spec, targets=targets, calibration=batches[1:], held_out=batches[:1])
+    assert {layer.role for layer in report.layers} == set(targets)
+    with torch.no_grad():
+        logits = model(**batches[0]).logits
+    assert float((logits - expected).norm() / expected.norm()) <= 1e-5

@@ -71,3 +71,29 @@ def test_impossible_budgets_are_refused():
         allocate_ranks([torch.ones(4), torch.ones(4)], budget=1)
     with pytest.raises(ValueError):
         allocate_ranks([torch.ones(4), torch.ones(4)], budget=9)
+
+
+def test_weighted_merge_keeps_a_lone_head_and_averages_equally_weighted_heads():
+    from mla_convert.init.grouping import weighted_merge
+
+    torch.manual_seed(4)
+    heads = torch.randn(2, 8, 13, dtype=torch.float64)
+    low_rank = torch.randn(8, 3, dtype=torch.float64)
+    singular = (low_rank @ low_rank.T)[None]  # a query that only ever used 3 directions
+    assert torch.allclose(weighted_merge(heads[:1], singular), heads[0], atol=1e-9)
+    equal = torch.eye(8, dtype=torch.float64).expand(2, 8, 8)
+    assert torch.allclose(weighted_merge(heads, equal), heads.mean(dim=0), atol=1e-6)
+
+
+def test_weighted_merge_preserves_what_the_queries_read():
+    """Two heads whose queries read disjoint key directions can share one exact key projection."""
+    from mla_convert.init.grouping import weighted_merge
+
+    torch.manual_seed(5)
+    heads = torch.randn(2, 4, 6, dtype=torch.float64)
+    metrics = torch.zeros(2, 4, 4, dtype=torch.float64)
+    metrics[0, :2, :2] = torch.eye(2)
+    metrics[1, 2:, 2:] = torch.eye(2)
+    merged = weighted_merge(heads, metrics, ridge=1e-9)
+    assert torch.allclose(merged[:2], heads[0, :2], atol=1e-6)
+    assert torch.allclose(merged[2:], heads[1, 2:], atol=1e-6)

@@ -66,14 +66,18 @@ def balanced_groups(similarity: torch.Tensor, kv_heads: int) -> list[list[int]]:
     return sorted(groups)
 
 
-def weighted_merge(heads: torch.Tensor, metrics: torch.Tensor) -> torch.Tensor:
+def weighted_merge(heads: torch.Tensor, metrics: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
     """The shared ``[d, n+1]`` map minimising ``Σ_h E‖M_h^{1/2} (A_h − A) x‖²``: ``(Σ M_h)⁻¹ Σ M_h A_h``.
 
     For keys ``M_h = E[q_h q_hᵀ]`` (what query head ``h`` multiplies its key with), so the merged
     key preserves the attention scores; for values ``M_h = O_hᵀ O_h`` (head ``h``'s slice of the
     output projection), so it preserves the attention output. The input covariance cancels out.
+    Directions no query of the calibration data used are left at the plain mean (a ridge toward
+    it), which also makes a one-head group exactly that head.
     """
     dim = heads.shape[1]
     total = metrics.sum(dim=0)
-    total = total + 1e-9 * total.diagonal().mean().clamp_min(1e-30) * torch.eye(dim, dtype=total.dtype)
-    return torch.linalg.solve(total, torch.einsum("hde,hen->dn", metrics, heads))
+    strength = ridge * total.diagonal().mean().clamp_min(1e-30)
+    identity = torch.eye(dim, dtype=total.dtype)
+    target = torch.einsum("hde,hen->dn", metrics, heads) + strength * heads.mean(dim=0)
+    return torch.linalg.solve(total + strength * identity, target)

@@ -20,9 +20,10 @@ from mla_convert.demo import DEFAULT_SPLITS, Variant, run_variants, write_report
 from mla_convert.specs import GQASpec, LinearSpec, MLASpec
 
 NOTES = """Bundled Whisper tiny.en, decoder self-attention only, no fine-tuning, greedy decoding, Whisper's
-English normaliser. Calibration: second moments of each layer's K/V input, collected by running
+English normaliser. MLA options are in each row (balance_kv, damping: defaults omitted, i.e.
+unbalanced K/V and damping 0.01). Calibration: second moments of each layer's K/V input, collected by running
 the original model teacher-forced on its own greedy transcripts of the calibration audio (label
-free); MLA = whitened joint SVD (Cholesky, damping 1e-2), GQA = heads grouped by activation
+free); MLA = whitened joint SVD (damped Cholesky), GQA = heads grouped by activation
 similarity and merged by weighted least squares; Hedgehog = linear attention whose learnable
 feature maps are trained (300 Adam steps per layer) to reproduce the softmax attention weights.
 "calibration s" is the wall time of that pass
@@ -55,8 +56,8 @@ def main() -> None:
         data=args.data,
         splits=args.split,
         limit=args.limit,
-        checkpoints_dir="checkpoints/whisper_tiny_en_calibrated",
-        results_dir=args.output_dir / "whisper_tiny_en_calibrated_runs",
+        checkpoints_dir=f"checkpoints/{args.name}",
+        results_dir=args.output_dir / f"{args.name}_runs",
     )
     notes = NOTES + (
         f"Calibration audio: {', '.join(sources)}. Data: {args.data or '$LIBRISPEECH_ROOT / the Hub'}; "

@@ -41,15 +41,20 @@ def main() -> None:
     parser.add_argument("--split", nargs="+", default=list(DEFAULT_SPLITS))
     parser.add_argument("--limit", type=int)
     parser.add_argument("--output-dir", type=Path, default=Path("results"))
+    parser.add_argument("--balance-kv", action="store_true", help="MLA: balance K against V before the SVD")
+    parser.add_argument("--damping", type=float, default=0.01, help="MLA whitening damping (default 0.01)")
+    parser.add_argument("--mla-only", action="store_true", help="only the MLA rows")
+    parser.add_argument("--name", default="whisper_tiny_en_calibrated", help="results/NAME.{md,png,json}")
     args = parser.parse_args()
     sources = tuple(args.calibration)
+    options = {"init": "calibrated", "balance_kv": args.balance_kv, "damping": args.damping}
     variants = [Variant("original")]
-    variants += [Variant(f"mla-{d}-cal", MLASpec(latent_dim=d, init="calibrated"), calibration=sources)
-                 for d in (192, 96, 48)]  # fmt: skip
-    variants.append(Variant("mla-budget-12.5-cal", MLASpec(cache_budget=0.125, init="calibrated"), calibration=sources))
-    variants += [Variant(f"gqa-{g}-cal", GQASpec(kv_heads=g, init="calibrated"), calibration=sources)
-                 for g in (3, 2, 1)]  # fmt: skip
-    variants.append(Variant("linear-hedgehog", LinearSpec(feature_map="hedgehog"), calibration=sources))
+    variants += [Variant(f"mla-{d}-cal", MLASpec(latent_dim=d, **options), calibration=sources) for d in (192, 96, 48)]
+    variants.append(Variant("mla-budget-12.5-cal", MLASpec(cache_budget=0.125, **options), calibration=sources))
+    if not args.mla_only:
+        variants += [Variant(f"gqa-{g}-cal", GQASpec(kv_heads=g, init="calibrated"), calibration=sources)
+                     for g in (3, 2, 1)]  # fmt: skip
+        variants.append(Variant("linear-hedgehog", LinearSpec(feature_map="hedgehog"), calibration=sources))
     started = time.perf_counter()
     rows, journal = run_variants(
         variants,
@@ -63,14 +68,8 @@ def main() -> None:
         f"Calibration audio: {', '.join(sources)}. Data: {args.data or '$LIBRISPEECH_ROOT / the Hub'}; "
         f"evaluation journal `{journal}`; {time.perf_counter() - started:.0f} s in all.\n\n"
     )
-    paths = write_report(
-        rows,
-        args.split,
-        args.output_dir,
-        "whisper_tiny_en_calibrated",
-        "Whisper tiny.en, calibrated conversions",
-        notes,
-    )
+    title = "Whisper tiny.en, calibrated conversions"
+    paths = write_report(rows, args.split, args.output_dir, args.name, title, notes)
     print(paths[0].read_text())
     print("wrote " + ", ".join(str(p) for p in paths))
 

@@ -20,6 +20,18 @@ def audio_batches(count: int, seed: int) -> list[dict]:
     return [{"input_values": torch.randn(1, 6000, generator=generator)} for _ in range(count)]
 
 
+def whisper_batches(count: int, seed: int, tokens: int) -> list[dict]:
+    """Teacher-forced inputs for ``tiny_whisper()``: random features and decoder token ids."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        {
+            "input_features": torch.randn(1, 16, 100, generator=generator),
+            "decoder_input_ids": torch.randint(3, 100, (1, tokens), generator=generator),
+        }
+        for _ in range(count)
+    ]
+
+
 def conformer_logits(model, batches):
     with torch.no_grad():
         return torch.cat([model(**batch).logits for batch in batches], dim=1)
@@ -151,12 +163,7 @@ def test_hedgehog_attention_transfer_brings_linear_attention_closer_to_softmax(p
 
 def test_hedgehog_on_a_whisper_decoder_learns_the_causal_pattern():
     model = tiny_whisper()
-    generator = torch.Generator().manual_seed(8)
-    batches = [
-        {"input_features": torch.randn(1, 16, 100, generator=generator),
-         "decoder_input_ids": torch.randint(3, 100, (1, 12), generator=generator)}
-        for _ in range(3)
-    ]  # fmt: skip
+    batches = whisper_batches(3, seed=8, tokens=12)
     report = mla_convert.convert(model, LinearSpec(feature_map="hedgehog", transfer_steps=100), calibration=batches)
     assert all(layer.transfer_loss_after < layer.transfer_loss_before for layer in report.layers)
 
@@ -165,12 +172,7 @@ def test_hedgehog_on_a_whisper_decoder_learns_the_causal_pattern():
 @pytest.mark.parametrize("spec", [MLASpec(latent_dim=64, init="calibrated"), GQASpec(kv_heads=4, init="calibrated")])
 def test_calibrated_whisper_attention_of_every_role_is_exact_at_full_rank(targets, spec):
     model = tiny_whisper()
-    generator = torch.Generator().manual_seed(10)
-    batches = [
-        {"input_features": torch.randn(1, 16, 100, generator=generator),
-         "decoder_input_ids": torch.randint(3, 100, (1, 9), generator=generator)}
-        for _ in range(2)
-    ]  # fmt: skip
+    batches = whisper_batches(2, seed=10, tokens=9)
     with torch.no_grad():
         expected = model(**batches[0]).logits
     report = mla_convert.convert(model, spec, targets=targets, calibration=batches[1:], held_out=batches[:1])

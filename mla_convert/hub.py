@@ -158,12 +158,9 @@ def read_model_dir(model_dir: str | Path) -> tuple[Path, dict, dict | None]:
     if not model_dir.is_dir():
         raise ModelNotFoundError(f"no such model directory: {model_dir}")
     config_path = model_dir / "config.json"
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PushSourceError(f"{model_dir} has no config.json: not a saved Hugging Face model") from None
-    except (OSError, ValueError) as error:
-        raise PushSourceError(f"cannot read {config_path}: {_first_line(error)}") from None
+    config = _read_json(
+        config_path, f"{model_dir} has no config.json: not a saved Hugging Face model", f"cannot read {config_path}"
+    )
     if not conversion(config):
         raise PushSourceError(
             f"{model_dir} is not a model converted by mla_convert (its config.json has no attention_conversion)"
@@ -377,13 +374,18 @@ def _display_name(row: dict) -> str:
     return model
 
 
-def load_evaluation(path: Path) -> dict:
+def _read_json(path: Path, missing: str, unreadable: str):
+    """A JSON file's content, or a one-line ``PushSourceError`` saying it is missing or unreadable."""
     try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise PushSourceError(f"no such evaluation JSON: {path}") from None
+        raise PushSourceError(missing) from None
     except (OSError, ValueError) as error:
-        raise PushSourceError(f"cannot read the evaluation JSON {path}: {_first_line(error)}") from None
+        raise PushSourceError(f"{unreadable}: {_first_line(error)}") from None
+
+
+def load_evaluation(path: Path) -> dict:
+    payload = _read_json(path, f"no such evaluation JSON: {path}", f"cannot read the evaluation JSON {path}")
     if not isinstance(payload, dict) or not isinstance(payload.get("results"), list):
         raise PushSourceError(f"{path} is not an `mla-convert evaluate` result (no 'results' list)")
     return payload

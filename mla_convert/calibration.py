@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import decode_audio, librispeech
+from .data import DataError, decode_audio, iter_folder_index, librispeech
 from .errors import MlaConvertError
 from .hosts import AttentionSite, HostAdapter
 from .hosts.base import SiteInputs
@@ -28,31 +28,12 @@ class CalibrationError(MlaConvertError):
     """Calibration data that cannot be used (missing folder, no transcripts, overlap with test sets)."""
 
 
-def _find_audio(folder: Path, utterance_id: str) -> Path | None:
-    return next(
-        (folder / f"{utterance_id}{s}" for s in (".flac", ".wav") if (folder / f"{utterance_id}{s}").exists()), None
-    )
-
-
-def _transcript_lines(folder: Path) -> Iterable[tuple[Path, str, str]]:
-    """``(audio folder, id, text)`` from LibriSpeech ``*.trans.txt`` files (space-separated) or a
-    ``transcripts.tsv`` beside the audio (tab-separated)."""
-    transcripts = sorted(folder.rglob("*.trans.txt")) + sorted(folder.rglob("transcripts.tsv"))
-    if not transcripts:
-        raise CalibrationError(f"no *.trans.txt or transcripts.tsv under {folder}")
-    for transcript in transcripts:
-        separator = "\t" if transcript.suffix == ".tsv" else " "
-        for line in transcript.read_text(encoding="utf-8").splitlines():
-            utterance_id, _, text = line.strip().partition(separator)
-            if utterance_id:
-                yield transcript.parent, utterance_id, text.strip()
-
-
 def _corpus_rows(folder: Path, sampling_rate: int) -> Iterable[dict]:
-    for audio_folder, utterance_id, text in _transcript_lines(folder):
-        audio = _find_audio(audio_folder, utterance_id)
-        if audio is not None:
-            yield {"id": utterance_id, "text": text, "audio": decode_audio(audio, sampling_rate), "source": str(folder)}
+    try:
+        for row in iter_folder_index(folder):
+            yield {**row, "audio": decode_audio(row["audio"], sampling_rate), "source": str(folder)}
+    except DataError as error:
+        raise CalibrationError(str(error)) from None
 
 
 def _source_rows(source: str, sampling_rate: int) -> Iterable[dict]:

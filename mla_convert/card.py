@@ -397,6 +397,10 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * float(value):.2f}%"
 
 
+# run-local details of finetune_summary.json that mean nothing on the Hub
+TRAINING_KEYS_NOT_IN_CARD = {"model", "output", "best_checkpoint", "planned_steps", "shared_encoder"}
+
+
 def _training_section(training: dict | None) -> list[str]:
     lines = ["## Fine-tuning", ""]
     if not training:
@@ -412,10 +416,9 @@ def _training_section(training: dict | None) -> list[str]:
     for key in ("steps", "epochs", "learning_rate", "batch_size"):
         if training.get(key) is not None:
             lines.append(f"- **{key.replace('_', ' ').capitalize()}**: {training[key]}")
+    shown = {"datasets", "steps", "epochs", "learning_rate", "batch_size"}
     for key, value in training.items():
-        if key not in {"datasets", "steps", "epochs", "learning_rate", "batch_size"} and not isinstance(
-            value, dict | list
-        ):
+        if key not in shown | TRAINING_KEYS_NOT_IN_CARD and not isinstance(value, dict | list):
             lines.append(f"- **{key.replace('_', ' ')}**: {value}")
     return lines + [""]
 

@@ -151,6 +151,70 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import FinetuneConfig, finetune, format_summary
+
+    if args.push_to_hub:
+        from .hub import check_push_ready
+
+        check_push_ready(args.push_to_hub)  # fail before hours of training, not after
+    default_data = os.environ.get("LIBRISPEECH_ROOT") or "hub"
+    config = FinetuneConfig(
+        model=args.model,
+        output=args.output,
+        teacher=args.teacher,
+        data=[str(source) for source in (args.data or [default_data])],
+        train_split=args.train_split,
+        max_samples=args.max_samples,
+        max_seconds=args.max_seconds,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        warmup_steps=args.warmup_steps,
+        freeze=args.freeze,
+        distill_weight=args.distill_weight,
+        distill_only=args.distill_only,
+        temperature=args.temperature,
+        eval_data=args.eval_data,
+        eval_split=args.eval_split,
+        eval_samples=args.eval_samples,
+        eval_steps=args.eval_steps,
+        early_stopping_patience=args.early_stopping_patience,
+        gradient_checkpointing=args.gradient_checkpointing,
+        precision=args.precision,
+        device=args.device,
+        seed=args.seed,
+        test_data=args.test_data,
+        test_splits=list(args.test_splits),
+        test_limit=args.test_limit,
+        resume=args.resume,
+        progress=not args.quiet,
+    )
+    try:
+        summary = finetune(config)
+    except KeyboardInterrupt:
+        print(
+            f"mla-convert: interrupted; continue with the same command plus --resume (checkpoints in {args.output})",
+            file=sys.stderr,
+        )
+        return 130
+    print(format_summary(summary))
+    if args.push_to_hub:
+        from .hub import push_to_hub
+
+        try:
+            result = push_to_hub(args.output, args.push_to_hub, private=args.private, training=summary)
+        except MlaConvertError as error:
+            raise MlaConvertError(
+                f"{error} (the fine-tuned model is kept in {args.output}; retry with "
+                f"`mla-convert push {args.output} --repo-id {args.push_to_hub}`)"
+            ) from None
+        print(f"pushed to {result.url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mla-convert",
@@ -256,6 +320,54 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--checkpoints-dir", type=Path, default=Path("checkpoints/demo"))
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_cmd_demo)
+
+    ft = sub.add_parser("finetune", help="fine-tune a (converted) model with transformers.Trainer, then evaluate it")
+    ft.add_argument(
+        "model", metavar="MODEL_OR_CONVERTED_DIR", help="directory written by convert, a Hub id or bundled:"
+    )
+    ft.add_argument("--output", required=True, help="run directory: the fine-tuned model, checkpoints/, runs/")
+    ft.add_argument("--teacher", help="the original model to distil from (same vocabulary)")
+    ft.add_argument(
+        "--data",
+        nargs="+",
+        help="hub, a LibriSpeech root (its --train-split), or folders of transcribed audio "
+        "(*.trans.txt / transcripts.tsv); default $LIBRISPEECH_ROOT, else hub",
+    )
+    ft.add_argument("--train-split", default="train-clean-100", help="LibriSpeech subset of a root / the Hub")
+    ft.add_argument("--max-samples", type=int, help="train on the first N utterances only")
+    ft.add_argument("--max-seconds", type=float, help="skip training utterances longer than this")
+    ft.add_argument("--epochs", type=float, default=1.0)
+    ft.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs; needed for a Hub stream)")
+    ft.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default 1e-5)")
+    ft.add_argument("--batch-size", type=int, default=8)
+    ft.add_argument("--grad-accum", type=int, default=2, help="gradient accumulation steps (default 2)")
+    ft.add_argument("--warmup-steps", type=float, default=500, help="linear warm-up steps (< 1: a fraction)")
+    ft.add_argument("--freeze", default="feature-encoder", choices=("feature-encoder", "non-attention", "none"))
+    ft.add_argument("--distill-weight", type=float, default=1.0, help="weight of the KL term (with --teacher)")
+    ft.add_argument("--distill-only", action="store_true", help="no transcripts: learn the teacher's outputs only")
+    ft.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+    ft.add_argument(
+        "--eval-data",
+        help="dev data for model selection: none, hub, a root or a folder "
+        "(default: --eval-split of the training root, else every 5th training utterance)",
+    )
+    ft.add_argument("--eval-split", default="dev-clean")
+    ft.add_argument("--eval-samples", type=int, default=100, help="dev utterances scored at each evaluation")
+    ft.add_argument("--eval-steps", type=int, default=500, help="evaluate and save every N steps")
+    ft.add_argument("--early-stopping-patience", type=int, default=3, help="evaluations without improvement (0: off)")
+    ft.add_argument("--gradient-checkpointing", action="store_true")
+    ft.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                    help="auto: bf16/fp16 on CUDA, fp32 on the CPU")  # fmt: skip
+    ft.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ft.add_argument("--seed", type=int, default=42)
+    ft.add_argument("--test-data", help="LibriSpeech root or hub for the final evaluation (default like --data)")
+    ft.add_argument("--test-splits", nargs="*", default=["test-clean", "test-other"], help="none: skip it")
+    ft.add_argument("--test-limit", type=int, help="only the first N utterances of each test split")
+    ft.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    ft.add_argument("--push-to-hub", metavar="REPO", help="then push the fine-tuned model to this Hub repo")
+    ft.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    ft.add_argument("--quiet", action="store_true", help="no progress bars")
+    ft.set_defaults(handler=_cmd_finetune)
     return parser
 
 

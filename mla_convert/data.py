@@ -156,6 +156,43 @@ def iter_local_index(root: str | os.PathLike, split: str) -> Iterator[dict[str, 
             }
 
 
+def find_audio(folder: Path, utterance_id: str) -> Path | None:
+    candidates = (folder / f"{utterance_id}{suffix}" for suffix in AUDIO_SUFFIXES)
+    return next((path for path in candidates if path.exists()), None)
+
+
+def transcript_lines(folder: str | os.PathLike) -> Iterator[tuple[Path, str, str]]:
+    """``(audio folder, id, text)`` from LibriSpeech ``*.trans.txt`` files (space-separated) or
+    ``transcripts.tsv`` files beside the audio (tab-separated), anywhere below ``folder``."""
+    folder = Path(folder)
+    transcripts = sorted(folder.rglob("*.trans.txt")) + sorted(folder.rglob("transcripts.tsv"))
+    if not transcripts:
+        raise DataError(f"no *.trans.txt or transcripts.tsv under {folder}")
+    for transcript in transcripts:
+        separator = "\t" if transcript.suffix == ".tsv" else " "
+        for line in transcript.read_text(encoding="utf-8").splitlines():
+            utterance_id, _, text = line.strip().partition(separator)
+            if utterance_id:
+                yield transcript.parent, utterance_id, text.strip()
+
+
+def iter_folder_index(folder: str | os.PathLike, *, transcribed: bool = True) -> Iterator[dict[str, Any]]:
+    """Index rows (audio undecoded) of any folder of speech: transcribed utterances below it, or
+    with ``transcribed=False`` and no transcript file, every audio file below it with empty text."""
+    folder = Path(folder)
+    has_transcripts = any(folder.rglob("*.trans.txt")) or any(folder.rglob("transcripts.tsv"))
+    if not transcribed and not has_transcripts:
+        for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES):
+            yield {"id": path.stem, "text": "", "audio": {"path": str(path), "bytes": None}}
+        return
+    for audio_folder, utterance_id, text in transcript_lines(folder):
+        path = find_audio(audio_folder, utterance_id)
+        if path is None:
+            logger.warning("no audio file for %s in %s", utterance_id, audio_folder)
+            continue
+        yield {"id": utterance_id, "text": text, "audio": {"path": str(path), "bytes": None}}
+
+
 def count_utterances(split: str, source: str | Path) -> int | None:
     """Utterances in a split: counted for a local root, the corpus size for the Hub."""
     check_split(split)

@@ -783,6 +783,34 @@ def _progress_bar(total: int | None, initial: int, description: str, enabled: bo
     return tqdm(total=total, initial=initial, desc=description, unit="utt", disable=not enabled, dynamic_ncols=True)
 
 
+def utterance_records(
+    asr: ASRModel, rows: Sequence[dict], result: Transcripts, split: str, seconds: float
+) -> list[dict]:
+    """One scored journal record per utterance of a transcribed batch (normalised text, jiwer counts)."""
+    records = []
+    for index, row in enumerate(rows):
+        reference, hypothesis = asr.normalize(row["text"]), asr.normalize(result.texts[index])
+        record = {
+            "type": "utterance",
+            "model": asr.model_id,
+            "split": split,
+            "id": row["id"],
+            "reference": reference,
+            "hypothesis": hypothesis,
+            **score(reference, hypothesis),
+            "duration": round(float(row["duration"]), 6),
+            "seconds": seconds,
+        }
+        if result.hit_limit is not None:
+            record["generated_tokens"] = result.generated_tokens[index]
+            record["hit_generation_limit"] = bool(result.hit_limit[index])
+            record["max_new_tokens"] = result.max_new_tokens
+        if result.truncated is not None:
+            record["truncated"] = bool(result.truncated[index])
+        records.append(record)
+    return records
+
+
 def _evaluate_split(
     asr: ASRModel,
     split: str,
@@ -838,29 +866,11 @@ def _evaluate_split(
             result = asr.transcribe(prepared)
             now = time.perf_counter()
             seconds, last = (now - last) / len(item), now
-            records = []
-            for index, row in enumerate(item):
-                reference, hypothesis = asr.normalize(row["text"]), asr.normalize(result.texts[index])
-                record = {
-                    "type": "utterance",
-                    "model": asr.model_id,
-                    "split": split,
-                    "id": row["id"],
-                    "reference": reference,
-                    "hypothesis": hypothesis,
-                    **score(reference, hypothesis),
-                    "duration": round(float(row["duration"]), 6),
-                    "seconds": seconds,
-                }
-                if result.hit_limit is not None:
-                    record["generated_tokens"] = result.generated_tokens[index]
-                    record["hit_generation_limit"] = bool(result.hit_limit[index])
-                    record["max_new_tokens"] = result.max_new_tokens
-                if result.truncated is not None:
-                    record["truncated"] = bool(result.truncated[index])
-                    if record["truncated"]:
-                        logger.warning("%s: %.1f s of audio, scored on the model's input window", *_id_seconds(row))
-                records.append(record)
+            records = utterance_records(asr, item, result, split, seconds)
+            for record in records:
+                if record.get("truncated"):
+                    logger.warning("%s: %.1f s of audio, scored on the model's input window", record["id"],
+                                   record["duration"])  # fmt: skip
                 running.add(record)
             journal.append(records)
             bar.update(len(item))
@@ -871,10 +881,6 @@ def _evaluate_split(
     peak, peak_kind = _peak_memory(asr.device)
     journal.append([{"type": "done", "model": asr.model_id, "split": split, "peak_memory_bytes": peak,
                      "peak_memory_kind": peak_kind, "device": str(asr.device)}])  # fmt: skip
-
-
-def _id_seconds(row: dict) -> tuple[str, float]:
-    return row["id"], float(row["duration"])
 
 
 def summarize(records: list[dict]) -> dict:

@@ -39,7 +39,7 @@ LICENSE_LOOKUP_TIMEOUT = 5.0
 WEIGHT_DELETE_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 EVAL_FILE_NAMES = ("eval.json", "evaluation.json", "eval_results.json")
 EVAL_FILE_GLOB = "eval-*.json"  # the default name of ``mla-convert evaluate --output``
-TRAINING_REPORT = "finetune_report.json"  # written by a fine-tuning run: {"datasets": [...], "steps": N, ...}
+TRAINING_REPORT = "finetune_summary.json"  # written by `mla-convert finetune`: {"datasets": [...], "steps": N, ...}
 NOT_UPLOADED = {"README.md", "training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json"}
 NOT_UPLOADED_SUFFIXES = (".jsonl", ".partial", ".lock", ".tmp", ".old")
 WEIGHT_FILES = (
@@ -470,7 +470,7 @@ def plan_upload(
 
     ``eval_json``: an ``mla-convert evaluate`` JSON (default: ``eval.json`` & co. inside the
     directory); its rows for this model go into the card's model-index. ``training``: what a
-    fine-tuning run did (``datasets``, ``steps``, ...; default: ``finetune_report.json`` inside).
+    fine-tuning run did (``datasets``, ``steps``, ...; default: ``finetune_summary.json`` inside).
     ``online`` (default: not offline and the Hub reachable) allows reading the base model's licence
     from the Hub.
     """

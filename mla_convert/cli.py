@@ -19,8 +19,12 @@ def _spec_from_args(args: argparse.Namespace):
     if args.attention == "mla":
         if args.latent_dim is None and args.cache_budget is None:
             raise MlaConvertError("--attention mla needs --latent-dim N or --cache-budget F")
+        options = {"balance_kv": args.balance_kv, "damping": args.damping}
         return MLASpec(
-            latent_dim=args.latent_dim, init=init or "svd", cache_budget=args.cache_budget, balance_kv=args.balance_kv
+            latent_dim=args.latent_dim,
+            init=init or "svd",
+            cache_budget=args.cache_budget,
+            **{name: value for name, value in options.items() if value is not None},
         )
     if args.attention == "gqa":
         if args.kv_heads is None:
@@ -251,7 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="MLA: fraction of the original K/V values per token over the converted layers, "
         "split per layer by the spectra (instead of --latent-dim)",
     )
-    convert.add_argument("--balance-kv", action="store_true", help="MLA calibrated: weigh K and V equally")
+    convert.add_argument(
+        "--balance-kv",
+        action=argparse.BooleanOptionalAction,
+        help="MLA calibrated: scale K against V before the joint SVD (default on)",
+    )
+    convert.add_argument("--damping", type=float, help="MLA calibrated: whitening damping (default 1e-4)")
     convert.add_argument("--kv-heads", type=int, help="GQA: number of key/value heads")
     convert.add_argument(
         "--feature-map",

@@ -37,7 +37,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DataError, decode_audio, iter_folder_index, iter_local_index, librispeech, local_split_dir
+from .data import (
+    DataError,
+    decode_audio,
+    iter_folder_index,
+    iter_local_index,
+    librispeech,
+    local_split_dir,
+    resolve_source,
+)
 from .errors import MlaConvertError
 
 logger = logging.getLogger(__name__)
@@ -680,8 +688,6 @@ def _encoders_identical(student: nn.Module, teacher: nn.Module) -> bool:
 
 def _check_test_disjoint(config: FinetuneConfig, train_ids: set[str]) -> None:
     """Refuse training data that shares utterance ids with the test splits evaluated at the end."""
-    from .data import resolve_source
-
     if not config.test_splits or not train_ids:
         return
     try:
@@ -820,9 +826,14 @@ def finetune(config: FinetuneConfig, callbacks: Sequence[Any] = ()) -> dict[str,
     if config.resume:
         _check_resume_args(config)
     labelled = not config.distill_only
-    # data first: a missing folder is reported before minutes of model loading
+    # data first: a missing folder or an unreachable Hub is reported before minutes of model loading,
+    # and the test data before hours of training
     if list(config.data) != ["hub"]:
         index_rows(config.data, config.train_split, transcribed=labelled)
+    else:
+        resolve_source("hub")
+    if config.test_splits:
+        resolve_source(config.test_data)
     device = resolve_device(config.device)
     choose_precision(config.precision, device)
     with transformers_progress_bars(config.progress):  # --quiet: no loading / shard-writing bars either

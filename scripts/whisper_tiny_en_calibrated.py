@@ -21,7 +21,7 @@ from mla_convert.specs import GQASpec, LinearSpec, MLASpec
 
 NOTES = """Bundled Whisper tiny.en, decoder self-attention only, no fine-tuning, greedy decoding, Whisper's
 English normaliser. MLA options are in each row (balance_kv, damping: defaults omitted, i.e.
-unbalanced K/V and damping 0.01). Calibration: second moments of each layer's K/V input, collected by running
+K balanced against V and damping 1e-4). Calibration: second moments of each layer's K/V input, collected by running
 the original model teacher-forced on its own greedy transcripts of the calibration audio (label
 free); MLA = whitened joint SVD (damped Cholesky), GQA = heads grouped by activation
 similarity and merged by weighted least squares; Hedgehog = linear attention whose learnable
@@ -41,8 +41,9 @@ def main() -> None:
     parser.add_argument("--split", nargs="+", default=list(DEFAULT_SPLITS))
     parser.add_argument("--limit", type=int)
     parser.add_argument("--output-dir", type=Path, default=Path("results"))
-    parser.add_argument("--balance-kv", action="store_true", help="MLA: balance K against V before the SVD")
-    parser.add_argument("--damping", type=float, default=0.01, help="MLA whitening damping (default 0.01)")
+    parser.add_argument("--balance-kv", action=argparse.BooleanOptionalAction, default=True,
+                        help="MLA: balance K against V before the SVD (default on)")  # fmt: skip
+    parser.add_argument("--damping", type=float, default=1e-4, help="MLA whitening damping (default 1e-4)")
     parser.add_argument("--mla-only", action="store_true", help="only the MLA rows")
     parser.add_argument("--name", default="whisper_tiny_en_calibrated", help="results/NAME.{md,png,json}")
     args = parser.parse_args()

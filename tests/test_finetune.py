@@ -267,3 +267,36 @@ def tiny_seq2seq_student(imported_whisper, tmp_path_factory) -> tuple[Path, Path
         processor.save_pretrained(root / name)
         paths.append(root / name)
     return paths[0], paths[1]
+
+
+def test_unreachable_data_or_hub_fails_before_training(ctc_pair, tmp_path, capsys, monkeypatch):
+    student, _ = ctc_pair
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("LIBRISPEECH_ROOT", raising=False)
+    base = ["finetune", str(student), "--max-steps", "1", "--quiet"]
+    cases = [
+        ([*base, "--data", "hub", "--test-splits", "--output", str(tmp_path / "a")], "HF_HUB_OFFLINE"),
+        ([*base, "--data", str(DEV_CLEAN), "--output", str(tmp_path / "b")], "HF_HUB_OFFLINE"),  # test data: Hub
+        ([*base, "--data", str(DEV_CLEAN), "--test-splits", "--push-to-hub", "someone/model",
+          "--output", str(tmp_path / "c")], "HF_HUB_OFFLINE"),
+    ]  # fmt: skip
+    for args, message in cases:
+        assert cli.main(args) == 2, args
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and message in error, error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fine_tuned_model_pushes_with_its_training_in_the_card(ctc_pair, tmp_path):
+    student, teacher = ctc_pair
+    run = tmp_path / "run"
+    config = ctc_config(student, run, teacher=str(teacher), max_steps=2, test_splits=["test-clean"],
+                        test_data=str(SHARED_DATA / "LibriSpeech"), test_limit=1)  # fmt: skip
+    finetune(config)
+    upload = tmp_path / "upload"
+    assert cli.main(["push", str(run), "--repo-id", "someone/tiny-mla-ft", "--dry-run", str(upload)]) == 0
+    card = (upload / "README.md").read_text()
+    assert "## Fine-tuning" in card and "- **Steps**: 2" in card and str(DEV_CLEAN) in card
+    assert "model-index" in card  # the fine-tuned model's rows of evaluation.json
+    assert not (upload / "checkpoints").exists() and not (upload / "runs").exists()
+    assert (upload / "model.safetensors").is_file() and (upload / "modeling_converted_wav2vec2_conformer.py").is_file()

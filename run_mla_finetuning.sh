@@ -42,7 +42,7 @@ PY
 
 name="$(basename "$config" .json)"
 model="${2:-$(recipe model)}"
-slug="$(echo "$model" | sed 's/^bundled://; s/[^A-Za-z0-9._-]/-/g')"
+slug="$(basename "${model#bundled:}" | sed 's/[^A-Za-z0-9._-]/-/g')"
 run="runs/$name-$slug"
 mapfile -t convert_args < <(recipe convert)
 mapfile -t finetune_args < <(recipe finetune)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import (
+    SPLITS,
     DataError,
     decode_audio,
     iter_folder_index,
@@ -183,6 +184,11 @@ def _is_librispeech_root(path: Path, split: str) -> bool:
         return False
 
 
+def _looks_like_librispeech_root(path: Path) -> bool:
+    """A folder holding LibriSpeech subset folders (any split): read by split, never wholesale."""
+    return any((base / name).is_dir() for base in (path, path / "LibriSpeech") for name in SPLITS)
+
+
 def index_rows(sources: Sequence[str], split: str, *, transcribed: bool = True) -> list[dict]:
     """Index rows (audio undecoded) of local sources: a LibriSpeech root (its ``split``), or any folder
     of transcribed audio (a LibriSpeech subset such as ``dev-clean`` itself, ``transcripts.tsv``)."""
@@ -192,9 +198,11 @@ def index_rows(sources: Sequence[str], split: str, *, transcribed: bool = True) 
         if not path.is_dir():
             raise FinetuneError(f"training data {source!r} does not exist (give hub, a LibriSpeech root, or a folder)")
         try:
+            # a LibriSpeech root without the split is an error (naming the subsets it has), not
+            # permission to train on every transcript below it, test sets included
             found = (
                 list(iter_local_index(path, split))
-                if _is_librispeech_root(path, split)
+                if _looks_like_librispeech_root(path)
                 else list(iter_folder_index(path, transcribed=transcribed))
             )
         except DataError as error:

@@ -19,16 +19,13 @@ SPLIT_KEYS = ("wer", "cer", "utterances", "substitutions", "deletions", "inserti
               "generation_limit_hits", "wall_seconds")  # fmt: skip
 
 
-def cache_bytes(model_dir: Path) -> int | None:
-    """Decoder self-attention state per token: from the conversion report, else full MHA (fp32)."""
-    report = model_dir / "conversion_report.json"
-    if report.is_file():
-        return json.loads(report.read_text())["totals"]["state_bytes_per_frame_after"]
-    config_path = model_dir / "config.json"
-    if config_path.is_file():
-        config = json.loads(config_path.read_text())
-        return 2 * config["d_model"] * config["decoder_layers"] * 4
-    return None
+def state_bytes(converted_dir: Path) -> tuple[int | None, int | None]:
+    """K/V state per token of the converted layers, (before, after), from the conversion report."""
+    report = converted_dir / "conversion_report.json"
+    if not report.is_file():
+        return None, None
+    totals = json.loads(report.read_text())["totals"]
+    return totals["state_bytes_per_frame_before"], totals["state_bytes_per_frame_after"]
 
 
 def main() -> None:
@@ -44,18 +41,14 @@ def main() -> None:
              ("converted+FT", summary["output"], "converted + fine-tuned")]  # fmt: skip
     splits = list(dict.fromkeys(row["split"] for row in evaluation["results"]))
     by_model = {(row["model"], row["split"]): row for row in evaluation["results"]}
+    before, after = state_bytes(Path(summary["model"]))
+    per_token = {"original": before, "converted": after, "converted+FT": after}
     rows = []
     for name, model, description in roles:
         if model is None:
             continue
-        if model.startswith("bundled:"):
-            from mla_convert.ct2 import resolve_bundled
-
-            directory = Path(resolve_bundled(model))
-        else:
-            directory = Path(model)
         row = {"variant": name, "description": description, "model": model,
-               "decoder_cache_bytes_per_token": cache_bytes(directory), "splits": {}}  # fmt: skip
+               "decoder_cache_bytes_per_token": per_token[name], "splits": {}}  # fmt: skip
         for split in splits:
             entry = by_model.get((model, split), {})
             row["splits"][split] = {key: entry.get(key) for key in SPLIT_KEYS}

@@ -179,6 +179,8 @@ def test_bad_input_is_one_line(ctc_pair, tmp_path, capsys):
     base = ["finetune", str(student), "--max-steps", "1", "--quiet", "--test-splits"]
     cases = [
         ([*base, "--data", str(tmp_path / "missing"), "--output", str(tmp_path / "a")], "does not exist"),
+        ([*base, "--data", str(SHARED_DATA / "LibriSpeech"), "--output", str(tmp_path / "f")],
+         "no train-clean-100 folder under"),
         ([*base, "--data", str(DEV_CLEAN), "--teacher", str(other_vocab), "--output", str(tmp_path / "b")],
          "different vocabulary (40 output tokens against the student's 32)"),
         ([*base, "--data", str(DEV_CLEAN), "--distill-only", "--output", str(tmp_path / "c")], "needs --teacher"),
@@ -300,3 +302,27 @@ def test_a_fine_tuned_model_pushes_with_its_training_in_the_card(ctc_pair, tmp_p
     assert "model-index" in card  # the fine-tuned model's rows of evaluation.json
     assert not (upload / "checkpoints").exists() and not (upload / "runs").exists()
     assert (upload / "model.safetensors").is_file() and (upload / "modeling_converted_wav2vec2_conformer.py").is_file()
+
+
+def test_recipe_script_converts_fine_tunes_evaluates_and_writes_the_table(ctc_pair, tmp_path):
+    _, teacher = ctc_pair
+    recipe = {
+        "description": "tiny end-to-end check",
+        "model": str(teacher),
+        "convert": {"attention": "mla", "latent-dim": 16},
+        "finetune": {"data": ["${SHARED_DATA}/LibriSpeech/dev-clean"], "test-data": "${SHARED_DATA}/LibriSpeech",
+                     "test-splits": ["test-clean"], "test-limit": 1, "max-seconds": 4.5, "max-steps": 2,
+                     "batch-size": 2, "grad-accum": 1, "warmup-steps": 0, "eval-steps": 1, "quiet": True},
+    }  # fmt: skip
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(recipe))
+    script = Path(__file__).resolve().parents[1] / "run_mla_finetuning.sh"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SHARED_DATA": str(SHARED_DATA)}
+    done = subprocess.run(["bash", str(script), str(config)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "results" / f"finetune-tiny-{teacher.name}.md").read_text()
+    assert "| original: original (MHA) |" in table and "| converted+FT: converted + fine-tuned |" in table
+    assert (tmp_path / "runs" / f"tiny-{teacher.name}" / "finetuned" / "finetune_summary.json").is_file()
+    again = subprocess.run(["bash", str(script), "nonsense"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert again.returncode == 2 and "no recipe" in again.stderr

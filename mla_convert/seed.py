@@ -9,9 +9,16 @@ from torch import nn
 
 from .calibration import SiteStatistics
 from .hosts.base import AttentionWeights
-from .init.grouping import augmented, balanced_groups, head_similarity, mean_pool_heads, weighted_merge
+from .init.grouping import (
+    aligned_merge,
+    augmented,
+    balanced_groups,
+    head_similarity,
+    mean_pool_heads,
+    weighted_merge,
+)
 from .init.svd import input_subspace, low_rank_factors
-from .init.whitening import balance_factor, calibrated_low_rank_factors, whitened_svd, whitening_factor
+from .init.whitening import balance_factor, whitened_svd, whitening_factor
 from .modeling.attention_base import ConvertedAttention
 from .modeling.attention_gqa import GroupedQueryAttention
 from .modeling.attention_linear import LinearAttention
@@ -106,18 +113,59 @@ def _seed_latent(attention: MultiHeadLatentAttention, weights: AttentionWeights)
         _assign(attention.k_up, k_up, weights.k_bias)
 
 
-def _joint_weight(weights: AttentionWeights, spec, covariance: torch.Tensor | None) -> tuple[torch.Tensor, float]:
-    """``[α W_k; W_v]`` and ``α`` (1 unless the spec balances K against V on the calibration data)."""
+def _joint_weight(
+    weights: AttentionWeights, spec, covariance: torch.Tensor | None, statistics: SiteStatistics | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weighted, plain)``: the stacked ``[W_k; W_v]`` whose whitened spectrum picks the latent,
+    and the plain stack the up-projections are read from (``up = [W_k; W_v] S V_r``).
+
+    ``objective="kv"`` weighs the two by one factor ``α`` (``balance_kv``: equal energy on the
+    calibration inputs). ``objective="attention"`` (calibrated, not rotary) weighs each key head
+    by the queries that read it (``E[q_h q_hᵀ]``: the error that reaches the attention scores) and
+    each value head by its slice of the output projection (``O_hᵀ O_h``: the error that reaches the
+    layer output), then balances the two.
+    """
+    plain = torch.cat([weights.k_weight.to(torch.float64), weights.v_weight.to(torch.float64)])
+    keys, values = plain[: weights.k_weight.shape[0]], plain[weights.k_weight.shape[0] :]
+    attention_aware = (
+        getattr(spec, "objective", "kv") == "attention"
+        and covariance is not None
+        and statistics is not None
+        and weights.position_mode != "rotary"
+    )
+    if attention_aware:
+        key_rows, value_rows = _head_metric_roots(weights, statistics)
+        keys = torch.block_diag(*key_rows) @ keys
+        values = torch.block_diag(*value_rows) @ values
     alpha = 1.0
     if getattr(spec, "balance_kv", False) and covariance is not None:
-        alpha = balance_factor(weights.k_weight, weights.v_weight, whitening_factor(covariance, spec.damping))
-    return torch.cat([alpha * weights.k_weight.to(torch.float64), weights.v_weight.to(torch.float64)]), alpha
+        alpha = balance_factor(keys, values, whitening_factor(covariance, spec.damping))
+    return torch.cat([alpha * keys, values]), plain
+
+
+def _head_metric_roots(weights: AttentionWeights, statistics: SiteStatistics) -> tuple[list, list]:
+    """Per head ``L_hᵀ`` with ``L_h L_hᵀ = E[q_h q_hᵀ]`` (keys) and ``P_hᵀ`` with ``P_h P_hᵀ = O_hᵀ O_h`` (values)."""
+    heads, head_dim = weights.geometry.num_heads, weights.geometry.head_dim
+    query_bias = _opt_double(weights.q_bias)
+    if weights.position_mode == "relative":
+        content = weights.pos_bias_u.double().reshape(-1)
+        query_bias = content if query_bias is None else query_bias + content
+    queries = augmented(weights.q_weight.double(), query_bias, heads)
+    key_metrics = torch.einsum("hdn,nm,hem->hde", queries, _augmented_moment(statistics.query), queries)
+    output = weights.o_weight.double().reshape(-1, heads, head_dim).permute(1, 2, 0)  # [H, d, hidden]
+    value_metrics = output @ output.transpose(1, 2)
+    return [_metric_root(m).T for m in key_metrics], [_metric_root(m).T for m in value_metrics]
+
+
+def _metric_root(metric: torch.Tensor) -> torch.Tensor:
+    jitter = 1e-9 * metric.diagonal().mean().clamp_min(1e-30)
+    return torch.linalg.cholesky_ex(metric + jitter * torch.eye(metric.shape[0], dtype=metric.dtype))[0]
 
 
 def latent_spectrum(weights: AttentionWeights, spec, statistics: SiteStatistics | None) -> torch.Tensor:
     """Singular values a joint latent keeps or drops: of ``W S`` when calibrated, else of ``W``."""
     covariance = statistics.key_value.second_moment if spec.needs_calibration else None
-    joint, _ = _joint_weight(weights, spec, covariance)
+    joint, _ = _joint_weight(weights, spec, covariance, statistics)
     if covariance is None:
         return torch.linalg.svdvals(joint)
     return whitened_svd(joint, covariance, spec.damping)[1]
@@ -132,7 +180,7 @@ def _seed_calibrated_latent(
     ``down = V_rᵀ S⁻¹`` (an oblique projector that keeps what the calibration inputs use).
     """
     covariance = statistics.key_value.second_moment
-    joint, alpha = _joint_weight(weights, spec, covariance)
+    joint, plain = _joint_weight(weights, spec, covariance, statistics)
     rank, hidden = attention.latent_dim, weights.k_weight.shape[0]
     if attention.position_mode == "rotary":
         _, _, right_t, factor = whitened_svd(joint, covariance, spec.damping)
@@ -143,9 +191,13 @@ def _seed_calibrated_latent(
         _assign(attention.k_proj, weights.k_weight, weights.k_bias)
         _assign(attention.v_up, weights.v_weight.to(torch.float64) @ basis, weights.v_bias)
         return
-    up, down = calibrated_low_rank_factors(joint, covariance, rank, spec.damping)
+    _, _, right_t, factor = whitened_svd(joint, covariance, spec.damping)
+    # down = V_rᵀ S⁻¹ (solving down · S = V_rᵀ); each head's best up-projection for that subspace is
+    # its own projection W S V_r, whatever weighting chose the subspace
+    down = torch.linalg.solve_triangular(factor, right_t[:rank], upper=False, left=False)
+    up = plain @ factor @ right_t[:rank].T
     attention.kv_down.weight.copy_(down)
-    _assign(attention.k_up, up[:hidden] / alpha, weights.k_bias)
+    _assign(attention.k_up, up[:hidden], weights.k_bias)
     _assign(attention.v_up, up[hidden:], weights.v_bias)
 
 
@@ -210,6 +262,8 @@ def _seed_calibrated_groups(
     output = weights.o_weight.double().reshape(-1, heads, head_dim).permute(1, 2, 0)  # [H, d, hidden]
     value_metrics = output @ output.transpose(1, 2)
     size = heads // kv_heads
+    if attention.position_mode == "none":
+        return _seed_aligned_groups(attention, weights, queries, keys, values, key_metrics, value_metrics, statistics)
     merged_keys, merged_values = [], []
     for group in range(kv_heads):
         members = slice(group * size, (group + 1) * size)
@@ -219,6 +273,48 @@ def _seed_calibrated_groups(
     _assign(attention.k_proj, merged_k[:, :-1], merged_k[:, -1])
     _assign(attention.v_proj, merged_v[:, :-1], merged_v[:, -1])
     return weights
+
+
+def _seed_aligned_groups(
+    attention: GroupedQueryAttention,
+    weights: AttentionWeights,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    key_metrics: torch.Tensor,
+    value_metrics: torch.Tensor,
+    statistics: SiteStatistics,
+) -> AttentionWeights:
+    """Without positions inside the attention (Whisper), each query head can absorb a ``d×d`` map
+    and each output slice another: a group then shares a key/value *subspace* fitted on the
+    calibration inputs (:func:`aligned_merge`), and every head reads its own coordinates in it.
+    (Relative and rotary positions act on the query or key after projection, so they keep the
+    plain weighted merge.)"""
+    heads, kv_heads, head_dim = attention.num_heads, attention.kv_heads, attention.head_dim
+    factor = whitening_factor(_augmented_moment(statistics.key_value), 1e-6)
+    size = heads // kv_heads
+    shared_k, shared_v, new_queries, output_maps = [], [], [], []
+    for group in range(kv_heads):
+        members = slice(group * size, (group + 1) * size)
+        key, key_maps = aligned_merge(keys[members], key_metrics[members], factor)
+        value, value_maps = aligned_merge(values[members], value_metrics[members], factor)
+        shared_k.append(key)
+        shared_v.append(value)
+        new_queries.append(key_maps.transpose(1, 2) @ queries[members])  # B_hᵀ [W_qh | b_qh]
+        output_maps.append(value_maps)
+    merged_k, merged_v = torch.cat(shared_k), torch.cat(shared_v)
+    _assign(attention.k_proj, merged_k[:, :-1], merged_k[:, -1])
+    _assign(attention.v_proj, merged_v[:, :-1], merged_v[:, -1])
+    query = torch.cat(new_queries).reshape(heads * head_dim, -1)
+    output = weights.o_weight.double().reshape(-1, heads, head_dim)  # [hidden, H, d]
+    output = torch.einsum("nhd,hde->nhe", output, torch.cat(output_maps)).reshape(-1, heads * head_dim)
+    dtype = weights.q_weight.dtype
+    return replace(
+        weights,
+        q_weight=query[:, :-1].to(dtype),
+        q_bias=None if weights.q_bias is None else query[:, -1].to(dtype),
+        o_weight=output.to(dtype),
+    )
 
 
 def _opt_double(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -13,6 +13,7 @@ from typing import ClassVar
 from .errors import SpecError
 
 MLA_INITS = ("svd", "svd-split", "calibrated")
+MLA_OBJECTIVES = ("kv", "attention")
 GQA_INITS = ("mean-pool", "calibrated")
 FEATURE_MAPS = ("elu", "relu", "hedgehog")
 
@@ -36,6 +37,7 @@ class MLASpec:
     cache_budget: float | None = None
     balance_kv: bool = True
     damping: float = 1e-4
+    objective: str = "kv"
     attention: ClassVar[str] = "mla"
 
     @property
@@ -49,6 +51,8 @@ class MLASpec:
     def validate(self, hidden_size: int, num_heads: int) -> None:
         if self.init not in MLA_INITS:
             raise SpecError(f"unknown MLA init {self.init!r}; choose one of {', '.join(MLA_INITS)}")
+        if self.objective not in MLA_OBJECTIVES:
+            raise SpecError(f"unknown MLA objective {self.objective!r}; choose one of {', '.join(MLA_OBJECTIVES)}")
         if (self.latent_dim is None) == (self.cache_budget is None):
             raise SpecError("give exactly one of latent_dim (--latent-dim) and cache_budget (--cache-budget)")
         if self.cache_budget is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from mla_convert.demo import DEFAULT_SPLITS, Variant, run_variants, write_report
 from mla_convert.specs import GQASpec, LinearSpec, MLASpec
 
+ROWS = ("mla", "budget", "gqa", "linear")
 NOTES = """Bundled Whisper tiny.en, decoder self-attention only, no fine-tuning, greedy decoding, Whisper's
 English normaliser. MLA options are in each row (balance_kv, damping: defaults omitted, i.e.
 K balanced against V and damping 1e-4). Calibration: second moments of each layer's K/V input, collected by running
@@ -44,17 +45,22 @@ def main() -> None:
     parser.add_argument("--balance-kv", action=argparse.BooleanOptionalAction, default=True,
                         help="MLA: balance K against V before the SVD (default on)")  # fmt: skip
     parser.add_argument("--damping", type=float, default=1e-4, help="MLA whitening damping (default 1e-4)")
-    parser.add_argument("--mla-only", action="store_true", help="only the MLA rows")
+    parser.add_argument("--objective", choices=("kv", "attention"), default="kv", help="MLA calibration objective")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="which rows (default all)")
     parser.add_argument("--name", default="whisper_tiny_en_calibrated", help="results/NAME.{md,png,json}")
     args = parser.parse_args()
     sources = tuple(args.calibration)
-    options = {"init": "calibrated", "balance_kv": args.balance_kv, "damping": args.damping}
+    options = dict(init="calibrated", balance_kv=args.balance_kv, damping=args.damping, objective=args.objective)
     variants = [Variant("original")]
-    variants += [Variant(f"mla-{d}-cal", MLASpec(latent_dim=d, **options), calibration=sources) for d in (192, 96, 48)]
-    variants.append(Variant("mla-budget-12.5-cal", MLASpec(cache_budget=0.125, **options), calibration=sources))
-    if not args.mla_only:
+    if "mla" in args.rows:
+        variants += [Variant(f"mla-{d}-cal", MLASpec(latent_dim=d, **options), calibration=sources)
+                     for d in (192, 96, 48)]  # fmt: skip
+    if "budget" in args.rows:
+        variants.append(Variant("mla-budget-12.5-cal", MLASpec(cache_budget=0.125, **options), calibration=sources))
+    if "gqa" in args.rows:
         variants += [Variant(f"gqa-{g}-cal", GQASpec(kv_heads=g, init="calibrated"), calibration=sources)
                      for g in (3, 2, 1)]  # fmt: skip
+    if "linear" in args.rows:
         variants.append(Variant("linear-hedgehog", LinearSpec(feature_map="hedgehog"), calibration=sources))
     started = time.perf_counter()
     rows, journal = run_variants(

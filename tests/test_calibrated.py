@@ -180,3 +180,20 @@ def test_calibrated_whisper_attention_of_every_role_is_exact_at_full_rank(target
     with torch.no_grad():
         logits = model(**batches[0]).logits
     assert float((logits - expected).norm() / expected.norm()) <= 1e-5
+
+
+def test_calibrated_gqa_on_a_whisper_decoder_beats_mean_pooling_on_held_out_outputs():
+    """Without positions inside the attention, each query head absorbs its own map into the group's
+    shared key subspace (and each output slice its value map): far closer than one pooled head."""
+    batches = whisper_batches(4, seed=12, tokens=10)
+    reference = tiny_whisper()
+    with torch.no_grad():
+        expected = reference(**batches[0]).logits
+    errors = {}
+    for init in ("mean-pool", "calibrated"):
+        model = tiny_whisper()
+        spec = GQASpec(kv_heads=2, init=init)
+        mla_convert.convert(model, spec, targets=["decoder"], calibration=batches[1:] if init == "calibrated" else None)
+        with torch.no_grad():
+            errors[init] = float((model(**batches[0]).logits - expected).norm() / expected.norm())
+    assert errors["calibrated"] < 0.5 * errors["mean-pool"]

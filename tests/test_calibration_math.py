@@ -97,3 +97,19 @@ def test_weighted_merge_preserves_what_the_queries_read():
     merged = weighted_merge(heads, metrics, ridge=1e-9)
     assert torch.allclose(merged[:2], heads[0, :2], atol=1e-6)
     assert torch.allclose(merged[2:], heads[1, 2:], atol=1e-6)
+
+
+def test_aligned_merge_recovers_heads_that_share_a_subspace_in_different_coordinates():
+    from mla_convert.init.grouping import aligned_merge, weighted_merge
+    from mla_convert.init.whitening import whitening_factor
+
+    torch.manual_seed(3)
+    inputs = torch.cat([torch.randn(2000, 10, dtype=torch.float64), torch.ones(2000, 1, dtype=torch.float64)], 1)
+    moment = inputs.T @ inputs / len(inputs)
+    common = torch.randn(4, 11, dtype=torch.float64)  # one 4-dim subspace of the (augmented) inputs
+    heads = torch.stack([torch.randn(4, 4, dtype=torch.float64) @ common for _ in range(3)])  # own coordinates
+    metrics = torch.eye(4, dtype=torch.float64).expand(3, 4, 4)
+    shared, maps = aligned_merge(heads, metrics, whitening_factor(moment, 0.0))
+    assert torch.allclose(maps @ shared, heads, atol=1e-9)
+    merged = weighted_merge(heads, metrics)  # one map for all: cannot follow three coordinate systems
+    assert float((merged - heads).norm() / heads.norm()) > 0.3

@@ -81,3 +81,25 @@ def weighted_merge(heads: torch.Tensor, metrics: torch.Tensor, ridge: float = 1e
     identity = torch.eye(dim, dtype=total.dtype)
     target = torch.einsum("hde,hen->dn", metrics, heads) + strength * heads.mean(dim=0)
     return torch.linalg.solve(total + strength * identity, target)
+
+
+def aligned_merge(
+    heads: torch.Tensor, metrics: torch.Tensor, factor: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A shared ``[d, n+1]`` map ``A`` and per-head ``[d, d]`` maps ``B_h`` with ``A_h ≈ B_h A``.
+
+    Where the reading side can absorb a ``d×d`` map per head (queries for keys: ``q_hᵀ B_h k`` =
+    ``(B_hᵀ q_h)ᵀ k``; the output projection for values: ``O_h B_h v``), the group does not have to
+    agree on one key: it has to share one ``d``-dimensional *subspace* of the inputs, and each head
+    reads its own coordinates in it. The best subspace minimises ``Σ_h E‖M_h^{1/2}(A_h − B_h A)x‖²``
+    on the calibration inputs (``E[x xᵀ] = S Sᵀ``, ``factor = S``): the top ``d`` right singular
+    vectors ``V_d`` of the stacked ``L_hᵀ A_h S`` (``M_h = L_h L_hᵀ``), giving ``A = V_dᵀ S⁻¹`` and
+    ``B_h = A_h S V_d``. A one-head group is reproduced exactly.
+    """
+    count, dim, _ = heads.shape
+    roots = torch.linalg.cholesky_ex(metrics + 1e-9 * metrics.diagonal(dim1=1, dim2=2).mean() * torch.eye(dim))[0]
+    whitened = heads @ factor  # [m, d, n+1]
+    stacked = (roots.transpose(1, 2) @ whitened).reshape(count * dim, -1)
+    basis = torch.linalg.svd(stacked, full_matrices=False)[2][:dim].T  # [n+1, d]
+    shared = torch.linalg.solve_triangular(factor.T, basis, upper=True).T  # V_dᵀ S⁻¹
+    return shared, whitened @ basis

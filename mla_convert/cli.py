@@ -19,7 +19,7 @@ def _spec_from_args(args: argparse.Namespace):
     if args.attention == "mla":
         if args.latent_dim is None and args.cache_budget is None:
             raise MlaConvertError("--attention mla needs --latent-dim N or --cache-budget F")
-        options = {"balance_kv": args.balance_kv, "damping": args.damping}
+        options = {"balance_kv": args.balance_kv, "damping": args.damping, "objective": args.objective}
         return MLASpec(
             latent_dim=args.latent_dim,
             init=init or "svd",
@@ -261,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="MLA calibrated: scale K against V before the joint SVD (default on)",
     )
     convert.add_argument("--damping", type=float, help="MLA calibrated: whitening damping (default 1e-4)")
+    convert.add_argument(
+        "--objective",
+        choices=("kv", "attention"),
+        help="MLA calibrated: fit what reaches the scores and the output (attention, default) or K/V themselves (kv)",
+    )
     convert.add_argument("--kv-heads", type=int, help="GQA: number of key/value heads")
     convert.add_argument(
         "--feature-map",

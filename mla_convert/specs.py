@@ -25,9 +25,12 @@ class MLASpec:
     ``init="svd"`` seeds one latent shared by K and V from a truncated SVD of ``[W_k; W_v]``;
     ``"svd-split"`` gives K and V ``latent_dim/2`` each from two separate SVDs (for comparison);
     ``"calibrated"`` minimises the K/V error on real layer inputs (whitened SVD; needs calibration
-    audio). ``balance_kv`` scales K against V before the joint SVD so that neither dominates the
-    shared latent, and ``damping`` regularises the whitening; the defaults (balanced, 1e-4) were
-    the better setting at every latent size measured on Whisper tiny.en (results/whisper_tiny_en_calibrated*.md).
+    audio). ``objective="attention"`` (the default) weighs each key head by the queries that read it
+    and each value head by its slice of the output projection, so the latent keeps what reaches the
+    attention scores and the layer output; ``"kv"`` fits K and V themselves. ``balance_kv`` scales
+    the key side against the value side before the joint SVD, ``damping`` regularises the
+    whitening. The defaults were the best setting at every latent size measured on Whisper tiny.en
+    (results/whisper_tiny_en_calibrated*.md).
     ``cache_budget`` (instead of ``latent_dim``) is the fraction of the original K/V values per
     token, summed over the converted layers, shared out per layer by the (calibrated) spectra.
     """
@@ -37,7 +40,7 @@ class MLASpec:
     cache_budget: float | None = None
     balance_kv: bool = True
     damping: float = 1e-4
-    objective: str = "kv"
+    objective: str = "attention"
     attention: ClassVar[str] = "mla"
 
     @property

@@ -21,8 +21,8 @@ from mla_convert.specs import GQASpec, LinearSpec, MLASpec
 
 ROWS = ("mla", "budget", "gqa", "linear")
 NOTES = """Bundled Whisper tiny.en, decoder self-attention only, no fine-tuning, greedy decoding, Whisper's
-English normaliser. MLA options are in each row (balance_kv, damping: defaults omitted, i.e.
-K balanced against V and damping 1e-4). Calibration: second moments of each layer's K/V input, collected by running
+English normaliser. MLA options are in each row (defaults omitted: the attention objective, K balanced
+against V, damping 1e-4). Calibration: second moments of each layer's K/V input, collected by running
 the original model teacher-forced on its own greedy transcripts of the calibration audio (label
 free); MLA = whitened joint SVD (damped Cholesky), GQA = heads grouped by activation
 similarity and merged by weighted least squares; Hedgehog = linear attention whose learnable
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--balance-kv", action=argparse.BooleanOptionalAction, default=True,
                         help="MLA: balance K against V before the SVD (default on)")  # fmt: skip
     parser.add_argument("--damping", type=float, default=1e-4, help="MLA whitening damping (default 1e-4)")
-    parser.add_argument("--objective", choices=("kv", "attention"), default="kv", help="MLA calibration objective")
+    parser.add_argument("--objective", choices=("kv", "attention"), default="attention", help="MLA objective")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="which rows (default all)")
     parser.add_argument("--name", default="whisper_tiny_en_calibrated", help="results/NAME.{md,png,json}")
     args = parser.parse_args()

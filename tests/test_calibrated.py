@@ -37,8 +37,13 @@ def conformer_logits(model, batches):
         return torch.cat([model(**batch).logits for batch in batches], dim=1)
 
 
+ATTENTION_OBJECTIVE = MLASpec(latent_dim=64, init="calibrated", objective="attention")
+
+
 @pytest.mark.parametrize("position_mode", ["relative", "rotary", None])
-@pytest.mark.parametrize("spec", [MLASpec(latent_dim=64, init="calibrated"), GQASpec(kv_heads=4, init="calibrated")])
+@pytest.mark.parametrize(
+    "spec", [MLASpec(latent_dim=64, init="calibrated"), ATTENTION_OBJECTIVE, GQASpec(kv_heads=4, init="calibrated")]
+)
 def test_calibrated_full_rank_conversion_is_exact(position_mode, spec):
     model = tiny_conformer(position_mode)
     probe = audio_batches(2, seed=9)
@@ -169,7 +174,9 @@ def test_hedgehog_on_a_whisper_decoder_learns_the_causal_pattern():
 
 
 @pytest.mark.parametrize("targets", [["decoder"], ["cross"], ["encoder"]])
-@pytest.mark.parametrize("spec", [MLASpec(latent_dim=64, init="calibrated"), GQASpec(kv_heads=4, init="calibrated")])
+@pytest.mark.parametrize(
+    "spec", [MLASpec(latent_dim=64, init="calibrated"), ATTENTION_OBJECTIVE, GQASpec(kv_heads=4, init="calibrated")]
+)
 def test_calibrated_whisper_attention_of_every_role_is_exact_at_full_rank(targets, spec):
     model = tiny_whisper()
     batches = whisper_batches(2, seed=10, tokens=9)

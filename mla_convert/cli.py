@@ -61,19 +61,23 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         print(report.format_table())
         print(f"saved to {args.output} (conversion_report.json inside)")
     if args.push_to_hub:
-        from .hub import push_to_hub
-
-        try:
-            result = push_to_hub(
-                args.output, args.push_to_hub, private=args.private, base_model=args.model, progress=not args.quiet
-            )
-        except MlaConvertError as error:
-            raise MlaConvertError(
-                f"{error} (the converted model is kept in {args.output}; retry with "
-                f"`mla-convert push {args.output} --repo-id {args.push_to_hub}`)"
-            ) from None
-        print(f"pushed to {result.url}", file=sys.stderr if args.json else sys.stdout)
+        url = _push_output(args, "converted", base_model=args.model, progress=not args.quiet)
+        print(f"pushed to {url}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _push_output(args: argparse.Namespace, what: str, **options) -> str:
+    """``--push-to-hub`` after a command wrote ``args.output``: a failed push keeps the model and says
+    how to retry it alone."""
+    from .hub import push_to_hub
+
+    try:
+        return push_to_hub(args.output, args.push_to_hub, private=args.private, **options).url
+    except MlaConvertError as error:
+        raise MlaConvertError(
+            f"{error} (the {what} model is kept in {args.output}; retry with "
+            f"`mla-convert push {args.output} --repo-id {args.push_to_hub}`)"
+        ) from None
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
@@ -206,16 +210,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         return 130
     print(format_summary(summary))
     if args.push_to_hub:
-        from .hub import push_to_hub
-
-        try:
-            result = push_to_hub(args.output, args.push_to_hub, private=args.private, training=summary)
-        except MlaConvertError as error:
-            raise MlaConvertError(
-                f"{error} (the fine-tuned model is kept in {args.output}; retry with "
-                f"`mla-convert push {args.output} --repo-id {args.push_to_hub}`)"
-            ) from None
-        print(f"pushed to {result.url}")
+        print(f"pushed to {_push_output(args, 'fine-tuned', training=summary, progress=not args.quiet)}")
     return 0
 
 

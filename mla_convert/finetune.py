@@ -241,8 +241,8 @@ class AudioRows(torch.utils.data.Dataset):
 
 def training_data(config: FinetuneConfig, sampling_rate: int, labelled: bool):
     """``(dataset, size or None)``: a map-style dataset of local rows, or the Hub stream (size unknown)."""
-    if list(config.data) == ["hub"] or (len(config.data) == 1 and config.data[0] in ("", None)):
-        dataset = librispeech(config.train_split, config.data[0] or None, sampling_rate)
+    if list(config.data) == ["hub"]:
+        dataset = librispeech(config.train_split, "hub", sampling_rate)
         if config.max_samples:
             dataset = dataset.take(config.max_samples)
         if config.max_seconds:
@@ -286,7 +286,7 @@ def dev_rows(config: FinetuneConfig, train_rows: list[dict] | None, sampling_rat
     if choice == "hub":
         rows = list(librispeech(config.eval_split, "hub", sampling_rate, limit=limit))
     else:
-        rows = index_rows([choice], config.eval_split)[:limit] if limit else index_rows([choice], config.eval_split)
+        rows = index_rows([choice], config.eval_split)[:limit]
         rows = [{**row, "audio": decode_audio(row["audio"], sampling_rate)} for row in rows]
     held_ids = {row["id"] for row in rows}
     if train_rows is not None:
@@ -897,13 +897,11 @@ def _finetune(config: FinetuneConfig, device: torch.device, callbacks: Sequence[
         tokenizer=student.tokenizer,
         decoder_start_token_id=getattr(generation, "decoder_start_token_id", None) or config_start,
         pad_token_id=getattr(model.config, "pad_token_id", None),
-        labelled=labelled or student.kind == "seq2seq",
+        labelled=labelled,
         pass_attention_mask=student.uses_attention_mask,
         max_label_length=getattr(model.config, "max_target_positions", None),
         window_samples=getattr(student.feature_extractor, "n_samples", None),
     )
-    if config.distill_only:
-        collator.labelled = False
     run = FinetuneRun(config, student.kind, student, teacher, collator, dev)
     if teacher is not None and student.kind == "seq2seq":
         run.shared_encoder = _encoders_identical(model, teacher.model)

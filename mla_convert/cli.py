@@ -19,7 +19,12 @@ def _spec_from_args(args: argparse.Namespace):
     if args.attention == "mla":
         if args.latent_dim is None and args.cache_budget is None:
             raise MlaConvertError("--attention mla needs --latent-dim N or --cache-budget F")
-        options = {"balance_kv": args.balance_kv, "damping": args.damping, "objective": args.objective}
+        options = {
+            "balance_kv": args.balance_kv,
+            "damping": args.damping,
+            "objective": args.objective,
+            "budget_allocation": args.budget_allocation,
+        }
         return MLASpec(
             latent_dim=args.latent_dim,
             init=init or "svd",
@@ -248,7 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-budget",
         type=float,
         help="MLA: fraction of the original K/V values per token over the converted layers, "
-        "split per layer by the spectra (instead of --latent-dim)",
+        "split per layer (instead of --latent-dim)",
+    )
+    convert.add_argument(
+        "--budget-allocation",
+        choices=("measured", "spectral"),
+        help="MLA --cache-budget: per-layer sizes by the model's measured output divergence on held-out "
+        "calibration audio (measured, default with --calibration) or by the spectra alone (spectral)",
     )
     convert.add_argument(
         "--balance-kv",

@@ -40,6 +40,7 @@ class ConversionReport:
     calibration_ids: list[str] = field(default_factory=list)
     held_out_ids: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    budget_search: dict | None = None
 
     @property
     def state_bytes_per_frame_before(self) -> int:
@@ -92,6 +93,18 @@ class ConversionReport:
             f"({100 * self.state_ratio:.1f}% of the original), {self.seconds:.1f} s"
         )
         notes = [f"note: {text}" for text in self.approximations]
+        search = self.budget_search
+        if search and "chosen" in search:
+            compared = ", ".join(
+                f"{name} {candidate['divergence']:.4g}" for name, candidate in search["candidates"].items()
+            )
+            notes.insert(
+                0,
+                f"cache budget {search['budget']}: sizes {search['ranks']} ({search['chosen']}; held-out output "
+                f"{search['metric']}: {compared})",
+            )
+        elif search:
+            notes.insert(0, f"cache budget {search['budget']}: sizes {search['ranks']} ({search['allocation']})")
         return "\n".join([*lines, summary, *notes])
 
 

@@ -14,6 +14,7 @@ from .errors import SpecError
 
 MLA_INITS = ("svd", "svd-split", "calibrated")
 MLA_OBJECTIVES = ("kv", "attention")
+BUDGET_ALLOCATIONS = ("measured", "spectral")
 GQA_INITS = ("mean-pool", "calibrated")
 FEATURE_MAPS = ("elu", "relu", "hedgehog")
 
@@ -32,7 +33,12 @@ class MLASpec:
     whitening. The defaults were the best setting at every latent size measured on Whisper tiny.en
     (results/whisper_tiny_en_calibrated*.md).
     ``cache_budget`` (instead of ``latent_dim``) is the fraction of the original K/V values per
-    token, summed over the converted layers, shared out per layer by the (calibrated) spectra.
+    token, summed over the converted layers. ``budget_allocation="measured"`` (the default; it
+    needs calibration audio) shares it out by the measured divergence of the model's output on
+    held-out calibration audio when each layer alone gets a candidate size, and keeps whichever of
+    that allocation, a uniform split and the spectral one the held-out output prefers;
+    ``"spectral"`` (and any budget without calibration audio) uses the predicted K/V error of the
+    (calibrated) spectra alone.
     """
 
     latent_dim: int | None = None
@@ -41,6 +47,7 @@ class MLASpec:
     balance_kv: bool = True
     damping: float = 1e-4
     objective: str = "attention"
+    budget_allocation: str = "measured"
     attention: ClassVar[str] = "mla"
 
     @property
@@ -56,6 +63,10 @@ class MLASpec:
             raise SpecError(f"unknown MLA init {self.init!r}; choose one of {', '.join(MLA_INITS)}")
         if self.objective not in MLA_OBJECTIVES:
             raise SpecError(f"unknown MLA objective {self.objective!r}; choose one of {', '.join(MLA_OBJECTIVES)}")
+        if self.budget_allocation not in BUDGET_ALLOCATIONS:
+            raise SpecError(
+                f"unknown budget allocation {self.budget_allocation!r}; choose one of {', '.join(BUDGET_ALLOCATIONS)}"
+            )
         if (self.latent_dim is None) == (self.cache_budget is None):
             raise SpecError("give exactly one of latent_dim (--latent-dim) and cache_budget (--cache-budget)")
         if self.cache_budget is not None:

@@ -15,7 +15,7 @@ from .calibration import collect_statistics, observe_sites
 from .errors import SpecError, UnsupportedModelError
 from .hosts import AttentionSite, AttentionWeights, HostAdapter, adapter_for
 from .init.attention_transfer import fit_feature_maps
-from .init.budget import allocate_ranks
+from .init.budget import allocate_measured, allocate_ranks, candidate_ranks
 from .init.svd import relative_error
 from .modeling.attention_build import build_attention
 from .modeling.attention_linear import LinearAttention
@@ -88,7 +88,9 @@ def convert(
     all_weights = {site.path: _float_weights(adapter.read_weights(site, config)) for site in sites}
     for weights in all_weights.values():
         spec.validate(weights.geometry.hidden_size, weights.geometry.num_heads)
-    latent_dims = _budgeted_latent_dims(spec, sites, all_weights, statistics)
+    latent_dims, report.budget_search = _budgeted_latent_dims(
+        spec, model, adapter, sites, all_weights, statistics, evaluation, progress
+    )
     layer_specs: dict[str, dict] = {}
     position_modes: set[str] = set()
 
@@ -96,13 +98,9 @@ def convert(
         weights = all_weights[site.path]
         position_modes.add(weights.position_mode)
         layer_spec = spec.layer_dict(latent_dims.get(site.path))
-        with torch.device("meta"):
-            replacement = adapter.build_module(config, layer_spec, site)
-        replacement.to_empty(device="cpu")
-        replacement.float()
-        attention = adapter.attention_of(replacement)
         site_statistics = statistics[site.path] if statistics is not None else None
-        weights = seed_attention(attention, weights, spec, site_statistics)
+        replacement, weights = _seeded_replacement(adapter, config, site, layer_spec, weights, spec, site_statistics)
+        attention = adapter.attention_of(replacement)
         transfer = None
         if transfer_samples is not None:
             transfer = fit_feature_maps(
@@ -142,15 +140,137 @@ def convert(
     return report
 
 
-def _budgeted_latent_dims(spec, sites, all_weights, statistics) -> dict[str, int]:
-    """Per-layer latent sizes when the spec gives a cache budget instead of one size."""
+def _seeded_replacement(adapter: HostAdapter, config, site, layer_spec: dict, weights, spec, statistics):
+    """``(module, weights)``: the replacement for ``site`` built from ``layer_spec`` and seeded (float32,
+    CPU), with the weights it reproduces at full rank (see :func:`seed_attention`)."""
+    with torch.device("meta"):
+        replacement = adapter.build_module(config, layer_spec, site)
+    replacement.to_empty(device="cpu")
+    replacement.float()
+    weights = seed_attention(adapter.attention_of(replacement), weights, spec, statistics)
+    return replacement, weights
+
+
+def _budgeted_latent_dims(
+    spec, model, adapter, sites, all_weights, statistics, evaluation, progress
+) -> tuple[dict[str, int], dict | None]:
+    """Per-layer latent sizes when the spec gives a cache budget instead of one size, and how
+    they were chosen (``None`` without a budget).
+
+    ``budget_allocation="measured"`` (with calibration audio): every layer is converted alone at
+    a few candidate sizes and the divergence of the model's output from the original's is
+    measured on the held-out calibration batches; the sizes with the least summed divergence that
+    spend the budget exactly are then checked jointly against a uniform split and the spectral
+    prediction, and the allocation the held-out output prefers is kept. Otherwise the calibrated
+    (or plain) spectra decide alone.
+    """
     if getattr(spec, "cache_budget", None) is None:
-        return {}
-    spectra = [latent_spectrum(all_weights[site.path], spec, statistics and statistics[site.path]) for site in sites]
-    widths = [all_weights[site.path].geometry.hidden_size for site in sites]
+        return {}, None
+    paths = [site.path for site in sites]
+    spectra = [latent_spectrum(all_weights[path], spec, statistics and statistics[path]) for path in paths]
+    widths = [all_weights[path].geometry.hidden_size for path in paths]
     budget = int(round(spec.cache_budget * sum(2 * width for width in widths)))
-    ranks = allocate_ranks(spectra, budget, minimum=1, maximum=widths)
-    return {site.path: rank for site, rank in zip(sites, ranks, strict=True)}
+    spectral = allocate_ranks(spectra, budget, minimum=1, maximum=widths)
+    search: dict = {"budget": budget, "allocation": spec.budget_allocation}
+    if spec.budget_allocation == "spectral" or statistics is None or not evaluation:
+        if spec.budget_allocation == "measured":
+            search["allocation"] = "spectral (no calibration audio to measure on)"
+        search["ranks"] = spectral
+        return dict(zip(paths, spectral, strict=True)), search
+
+    measure = _OutputDivergence(model, adapter, sites, evaluation)
+    unit, candidates = candidate_ranks(budget, widths)
+
+    def divergence(ranks: dict[str, int]) -> float:
+        replacements = {}
+        for path, rank in ranks.items():
+            site = next(site for site in sites if site.path == path)
+            module, _ = _seeded_replacement(
+                adapter, model.config, site, spec.layer_dict(rank), all_weights[path], spec, statistics[path]
+            )
+            replacements[path] = module
+        return measure(replacements)
+
+    per_layer = []
+    with tqdm(total=sum(map(len, candidates)), desc="measuring budget sizes", disable=not progress) as bar:
+        for path, ranks in zip(paths, candidates, strict=True):
+            errors = {}
+            for rank in ranks:
+                errors[rank] = divergence({path: rank})
+                bar.update()
+            per_layer.append(errors)
+    measured = allocate_measured(per_layer, unit * (budget // unit))
+    measured = allocate_ranks(spectra, budget, maximum=widths, start=measured)  # the remainder, by the spectra
+    share = [min(budget // len(paths), width) for width in widths]
+    uniform = allocate_ranks(spectra, budget, maximum=widths, start=share)
+    choices = {"measured": measured, "uniform": uniform, "spectral": spectral}
+    joint = {name: divergence(dict(zip(paths, ranks, strict=True))) for name, ranks in choices.items()}
+    chosen = min(joint, key=joint.get)
+    search.update(
+        metric=measure.metric,
+        held_out_batches=len(evaluation),
+        per_layer={path: errors for path, errors in zip(paths, per_layer, strict=True)},
+        candidates={name: {"ranks": ranks, "divergence": joint[name]} for name, ranks in choices.items()},
+        chosen=chosen,
+        ranks=choices[chosen],
+    )
+    return dict(zip(paths, choices[chosen], strict=True)), search
+
+
+class _OutputDivergence:
+    """How far the model's output moves from the original's on held-out batches when some
+    attention modules are swapped for others: mean KL(original ‖ swapped) per output position for
+    models with logits, else the relative squared error of the last hidden state."""
+
+    def __init__(self, model: nn.Module, adapter: HostAdapter, sites, batches) -> None:
+        self.model, self.adapter = model, adapter
+        with torch.no_grad():
+            self.batches = adapter.measurement_batches(model, sites, batches)
+            self.reference = self._outputs()
+        self.metric = "kl" if self.has_logits else "relative_mse"
+
+    @torch.no_grad()
+    def _outputs(self) -> list[torch.Tensor]:
+        was_training = self.model.training
+        self.model.eval()
+        outputs = []
+        try:
+            for batch in self.batches:
+                result = self.model(**batch)
+                self.has_logits = getattr(result, "logits", None) is not None
+                if self.has_logits:
+                    outputs.append(torch.log_softmax(result.logits.float(), dim=-1))
+                else:
+                    outputs.append(result.last_hidden_state.float())
+        finally:
+            self.model.train(was_training)
+        return outputs
+
+    def __call__(self, replacements: dict[str, nn.Module]) -> float:
+        parameter = next(self.model.parameters())
+        base = self.adapter.base_model(self.model)
+        originals = {}
+        for path, module in replacements.items():
+            parent_path, _, name = path.rpartition(".")
+            parent = base.get_submodule(parent_path)
+            originals[path] = getattr(parent, name)
+            setattr(parent, name, module.to(device=parameter.device, dtype=parameter.dtype))
+        try:
+            outputs = self._outputs()
+        finally:
+            for path, module in originals.items():
+                parent_path, _, name = path.rpartition(".")
+                setattr(base.get_submodule(parent_path), name, module)
+        total = torch.zeros((), dtype=torch.float64)
+        count = 0.0
+        for reference, output in zip(self.reference, outputs, strict=True):
+            if self.has_logits:
+                total += (reference.exp() * (reference - output)).sum().double()
+                count += reference[..., 0].numel()
+            else:
+                total += (output - reference).pow(2).sum().double()
+                count += float(reference.pow(2).sum())
+        return float(total / max(count, 1e-30))
 
 
 def check_request(

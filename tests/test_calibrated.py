@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import SHARED_DATA, tiny_conformer, tiny_whisper
+from conftest import SHARED_DATA, save_processor, tiny_conformer, tiny_whisper
 
 import mla_convert
 from mla_convert import GQASpec, LinearSpec, MLASpec, cli
@@ -88,6 +88,49 @@ def test_cache_budget_sets_per_layer_latents_that_spend_it_exactly(tmp_path):
     assert [layer.self_attn.attention.latent_dim for layer in reloaded.wav2vec2_conformer.encoder.layers] == latents
 
 
+def test_measured_cache_budget_keeps_the_allocation_the_held_out_output_prefers():
+    model = tiny_conformer("relative", num_hidden_layers=3)
+    report = mla_convert.convert(
+        model,
+        MLASpec(cache_budget=0.125, init="calibrated"),
+        calibration=audio_batches(4, seed=5),
+        held_out=audio_batches(2, seed=6),
+    )
+    search = report.budget_search
+    latents = [layer["latent_dim"] for layer in model.config.attention_conversion["layers"].values()]
+    assert search["allocation"] == "measured" and search["metric"] == "kl"
+    assert latents == search["ranks"] and sum(latents) == search["budget"] == round(0.125 * 3 * 2 * 64)
+    divergences = {name: candidate["divergence"] for name, candidate in search["candidates"].items()}
+    assert set(divergences) == {"measured", "uniform", "spectral"}
+    assert divergences[search["chosen"]] == min(divergences.values())
+    assert all(len(errors) >= 2 for errors in search["per_layer"].values())
+    assert "cache budget 48" in report.format_table()
+
+
+def test_spectral_cache_budget_needs_no_measurement():
+    model = tiny_conformer("relative", num_hidden_layers=3)
+    spec = MLASpec(cache_budget=0.125, init="calibrated", budget_allocation="spectral")
+    report = mla_convert.convert(model, spec, calibration=audio_batches(4, seed=5))
+    assert report.budget_search["allocation"] == "spectral" and "candidates" not in report.budget_search
+    assert sum(report.budget_search["ranks"]) == 48
+
+
+def test_whisper_budget_measurements_reuse_the_encoder_output_exactly():
+    from mla_convert.hosts import adapter_for
+
+    model = tiny_whisper().eval()
+    adapter = adapter_for(model)
+    batches = whisper_batches(2, seed=8, tokens=6)
+    decoder_sites = adapter.sites(model, ("decoder",))
+    prepared = adapter.measurement_batches(model, decoder_sites, batches)
+    assert all("input_features" not in batch and "encoder_outputs" in batch for batch in prepared)
+    with torch.no_grad():
+        for full, reused in zip(batches, prepared, strict=True):
+            assert torch.equal(model(**full).logits, model(**reused).logits)
+    encoder_sites = adapter.sites(model, ("encoder",))
+    assert adapter.measurement_batches(model, encoder_sites, batches) == batches
+
+
 def test_whisper_decoder_calibrates_on_its_own_greedy_output_or_on_text():
     from mla_convert.hosts import adapter_for
 
@@ -125,6 +168,26 @@ def test_cli_calibrates_on_shared_audio_and_records_which_utterances(saved_confo
     assert len(report["calibration_ids"]) == 4 and len(report["held_out_ids"]) == 1
     assert not set(report["calibration_ids"]) & set(report["held_out_ids"])
     assert all(layer["k_activation_error"] is not None for layer in report["layers"])
+
+
+def test_cli_cache_budget_is_measured_on_the_held_out_audio_and_saved_per_layer(tmp_path):
+    original, output = tmp_path / "original", tmp_path / "budgeted"
+    tiny_conformer("rotary").save_pretrained(original)  # rotary: the stock relative encoding is slow on 10k frames
+    save_processor(original)
+    dev_clean = str(SHARED_DATA / "LibriSpeech" / "dev-clean")
+    args = ["convert", str(original), "--attention", "mla", "--cache-budget", "0.125", "--output", str(output),
+            "--calibration", dev_clean, "--calibration-samples", "5", "--quiet"]  # fmt: skip
+    assert cli.main(args) == 0
+    report = json.loads((output / "conversion_report.json").read_text())
+    search = report["budget_search"]
+    assert search["allocation"] == "measured" and search["held_out_batches"] == 1
+    config = json.loads((output / "config.json").read_text())
+    latents = [layer["latent_dim"] for layer in config["attention_conversion"]["layers"].values()]
+    assert latents == search["ranks"] and sum(latents) == search["budget"]
+    spectral = tmp_path / "spectral"
+    args[args.index(str(output))] = str(spectral)
+    assert cli.main([*args, "--budget-allocation", "spectral"]) == 0
+    assert json.loads((spectral / "conversion_report.json").read_text())["budget_search"]["allocation"] == "spectral"
 
 
 def test_calibration_must_not_touch_the_evaluation_data(saved_conformer, tmp_path):

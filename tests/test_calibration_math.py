@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mla_convert.init.budget import allocate_ranks, predicted_error
+from mla_convert.init.budget import allocate_measured, allocate_ranks, candidate_ranks, predicted_error
 from mla_convert.init.svd import low_rank_factors
 from mla_convert.init.whitening import calibrated_low_rank_factors, whitened_svd
 
@@ -113,3 +113,32 @@ def test_aligned_merge_recovers_heads_that_share_a_subspace_in_different_coordin
     assert torch.allclose(maps @ shared, heads, atol=1e-9)
     merged = weighted_merge(heads, metrics)  # one map for all: cannot follow three coordinate systems
     assert float((merged - heads).norm() / heads.norm()) > 0.3
+
+
+def test_measured_allocation_is_the_exact_best_choice_that_spends_the_total():
+    import itertools
+
+    generator = torch.Generator().manual_seed(3)
+    unit, candidates = candidate_ranks(budget=96, widths=[64, 64, 64, 64])
+    assert unit == 12 and candidates[0] == [12, 24, 36, 48, 60]
+    errors = [{rank: float(torch.rand((), generator=generator)) / rank for rank in ranks} for ranks in candidates]
+    ranks = allocate_measured(errors, total=96)
+    best = min(
+        (combo for combo in itertools.product(*candidates) if sum(combo) == 96),
+        key=lambda combo: sum(e[r] for e, r in zip(errors, combo, strict=True)),
+    )
+    assert sum(ranks) == 96 and tuple(ranks) == best
+
+
+def test_a_sensitive_layer_gets_more_of_a_measured_budget():
+    candidates = [8, 16, 24]
+    flat = {rank: 1.0 / rank for rank in candidates}
+    sensitive = {rank: 100.0 / rank for rank in candidates}
+    ranks = allocate_measured([flat, sensitive, flat], total=40)
+    assert ranks[1] == 24 and sum(ranks) == 40
+
+
+def test_the_rest_of_a_budget_is_handed_out_on_top_of_chosen_ranks():
+    spectra = [torch.linspace(2, 1, 16, dtype=torch.float64), torch.linspace(1, 0.1, 16, dtype=torch.float64)]
+    ranks = allocate_ranks(spectra, budget=21, start=[8, 8])
+    assert sum(ranks) == 21 and ranks[0] >= 8 and ranks[1] >= 8

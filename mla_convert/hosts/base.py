@@ -111,6 +111,11 @@ class HostAdapter(ABC):
     def site_inputs(self, site: AttentionSite, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(kv_input, position_embeddings)`` from a forward call of ``site.module``."""
 
+    def measurement_batches(self, model: nn.Module, sites: list[AttentionSite], batches: list[dict]) -> list[dict]:
+        """The batches to measure attention swaps at ``sites`` on; a host may precompute whatever
+        those sites cannot change (so repeated measurements only rerun what they can)."""
+        return list(batches)
+
     def attention_of(self, replacement: nn.Module) -> ConvertedAttention:
         return replacement.attention
 

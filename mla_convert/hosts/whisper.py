@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 from transformers import WhisperConfig
+from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperAttention
 
 from ..modeling import modeling_converted_whisper as modeling
@@ -60,6 +61,19 @@ class WhisperAdapter(HostAdapter):
 
     def build_module(self, config, layer_spec: dict, site: AttentionSite) -> nn.Module:
         return modeling.ConvertedWhisperAttention(config, layer_spec, site.path)
+
+    def measurement_batches(self, model: nn.Module, sites: list[AttentionSite], batches: list[dict]) -> list[dict]:
+        """Decoder-side sites cannot change the encoder output: compute it once per batch."""
+        if any(site.role == "encoder" for site in sites) or not hasattr(model, "get_encoder"):
+            return list(batches)
+        encoder = model.get_encoder()
+        prepared = []
+        for batch in batches:
+            batch = dict(batch)
+            features = batch.pop("input_features")
+            batch["encoder_outputs"] = BaseModelOutput(last_hidden_state=encoder(features).last_hidden_state)
+            prepared.append(batch)
+        return prepared
 
     def site_inputs(self, site: AttentionSite, args: tuple, kwargs: dict) -> SiteInputs:
         hidden_states = kwargs.get("hidden_states", args[0] if args else None)

@@ -90,9 +90,14 @@ def test_unknown_targets_and_layers_are_refused():
         mla_convert.convert(tiny_whisper(), MLASpec(latent_dim=65))
 
 
-def test_converted_whisper_reloads_without_mla_convert(tmp_path, features):
+@pytest.mark.parametrize(
+    ("spec", "targets"),
+    [(MLASpec(latent_dim=24), ["decoder", "cross"]), (LinearSpec(), ["decoder"])],
+    ids=["mla-decoder-cross", "linear-running-sums"],
+)
+def test_converted_whisper_reloads_without_mla_convert(spec, targets, tmp_path, features):
     model = tiny_whisper()
-    mla_convert.convert(model, MLASpec(latent_dim=24), targets=["decoder", "cross"])
+    mla_convert.convert(model, spec, targets=targets)
     model.save_pretrained(tmp_path)
     expected = generate(model, features).sequences
     torch.save({"features": features, "sequences": expected}, tmp_path / "expected.pt")
@@ -114,10 +119,39 @@ def test_converted_whisper_reloads_without_mla_convert(tmp_path, features):
     assert type(mla_convert.load(tmp_path)).__name__ == "ConvertedWhisperForConditionalGeneration"
 
 
-def test_linear_decoder_reports_the_cache_it_really_keeps(features):
+def test_linear_decoder_keeps_a_fixed_running_summary_whatever_the_length(features):
     model = tiny_whisper()
     report = mla_convert.convert(model, LinearSpec())
-    output = generate(model, features)
-    batch, tokens = output.sequences.shape
-    per_token = report.state_bytes_per_frame_after // 1
-    assert self_attention_cache_bytes(output) == batch * (tokens - 1) * per_token
+    model.generation_config.eos_token_id = None
+    assert report.state_bytes_per_frame_after == 0
+    fixed = sum(layer.fixed_state_bytes_after for layer in report.layers)
+    assert fixed == 2 * 4 * 16 * (16 + 1) * 4  # 2 layers x 4 heads x F 16 x (d 16 + 1) x fp32
+    for new_tokens in (4, 12):
+        with torch.no_grad():
+            output = model.generate(features, max_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True)
+        assert self_attention_cache_bytes(output) == features.shape[0] * fixed
+
+
+@pytest.mark.parametrize("feature_map", ["elu", "hedgehog"])
+def test_linear_decoder_generates_what_the_whole_sequence_form_computes(feature_map, features):
+    """Step-by-step decoding through the running sums equals recomputing every prefix at once."""
+    model = tiny_whisper()
+    spec = LinearSpec(feature_map=feature_map, transfer_steps=10)
+    calibration = [
+        {"input_features": torch.randn(1, 16, 100), "decoder_input_ids": torch.randint(3, 100, (1, 8))}
+        for _ in range(2)
+    ]
+    mla_convert.convert(model, spec, calibration=calibration if feature_map == "hedgehog" else None)
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        output = model.generate(
+            features, max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True, output_logits=True
+        )
+        stepwise = torch.stack(output.logits, dim=1)
+        whole = model(input_features=features, decoder_input_ids=output.sequences[:, :-1]).logits
+    whole = whole[:, -stepwise.shape[1] :]
+    assert float((stepwise - whole).abs().max()) < 1e-4
+    assert torch.equal(stepwise.argmax(-1), whole.argmax(-1))
+    with torch.no_grad():  # beam search reorders the running sums like any cache
+        beams = model.generate(features, max_new_tokens=4, num_beams=3, do_sample=False)
+    assert beams.shape[0] == features.shape[0]

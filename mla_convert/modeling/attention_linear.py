@@ -9,16 +9,19 @@ Approximation (stated in every conversion report): an additive relative-position
 dropped; the content-query bias ``pos_bias_u`` is kept. Rotary positions survive unchanged,
 because the host rotates the layer input before the projections.
 
-Causal (decoder) attention uses the masked form ``(φ(q)φ(k)ᵀ ⊙ M) v`` normalised by its row sums,
-which is the same function as the running-sum recurrence and accepts any padding mask. A decoder
-therefore still caches per-token keys and values here (and its report says so): the O(1)
-recurrent cache is not implemented yet.
+Causal (decoder) attention over a whole sequence (training, teacher forcing) uses the masked form
+``(φ(q)φ(k)ᵀ ⊙ M) v`` normalised by its row sums. When generating, a host hands in a
+:class:`RunningSummaryLayer` instead of a per-token cache: each step adds ``Σ φ(k) vᵀ`` and
+``Σ φ(k)`` of its new tokens to the running sums and reads the earlier tokens from them, which is
+the same function. So a linear-attention decoder keeps a fixed ``H × F × (d + 1)`` state per layer
+and sequence, whatever the length, and nothing per token.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicLayer
 
 from .attention_base import AttentionGeometry, ConvertedAttention, key_padding_mask
 from .attention_positions import rotate_input
@@ -76,12 +79,11 @@ class LinearAttention(ConvertedAttention):
         return 2 * self.head_dim if self.feature_map == "hedgehog" else self.head_dim
 
     def state_values_per_token(self) -> int:
-        # An encoder keeps nothing per token (the history is a fixed F×(d+1) sum per head); a
-        # decoder caches its keys and values (see the module docstring).
-        return 2 * self.num_heads * self.head_dim if self.is_causal else 0
+        # nothing per token: the history is a fixed F×(d+1) sum per head (see the module docstring)
+        return 0
 
     def fixed_state_values(self) -> int:
-        return 0 if self.is_causal else self.num_heads * self.feature_dim * (self.head_dim + 1)
+        return self.num_heads * self.feature_dim * (self.head_dim + 1)
 
     def features(self, states: torch.Tensor, is_query: bool) -> torch.Tensor:
         """φ of queries or keys ``[B, H, T, d]``, each scaled by √scaling first (so φ(q)·φ(k) sees
@@ -97,6 +99,11 @@ class LinearAttention(ConvertedAttention):
 
     def _masked_weights(self, query, key, attention_mask) -> torch.Tensor:
         """Normalised ``φ(q)φ(k)ᵀ`` with the causal and padding masks applied (zeroed)."""
+        weights = self._masked_scores(query, key, attention_mask)
+        return weights / (weights.sum(-1, keepdim=True) + self.eps)
+
+    def _masked_scores(self, query, key, attention_mask) -> torch.Tensor:
+        """``φ(q)φ(k)ᵀ`` with the causal and padding masks applied (zeroed), not normalised."""
         weights = torch.matmul(query, key.transpose(2, 3))
         causal = self.causal_mask(query.shape[2], key.shape[2], query.device)
         if causal is not None:
@@ -105,7 +112,7 @@ class LinearAttention(ConvertedAttention):
             allowed = attention_mask[..., : key.shape[2]]
             allowed = allowed if allowed.dtype == torch.bool else allowed > torch.finfo(allowed.dtype).min / 2
             weights = weights * allowed
-        return weights / (weights.sum(-1, keepdim=True) + self.eps)
+        return weights
 
     def attention_weights(self, hidden_states, position_embeddings=None, key_value_states=None) -> torch.Tensor:
         rotary = self.rotary_of(position_embeddings)
@@ -114,6 +121,47 @@ class LinearAttention(ConvertedAttention):
         key, _ = self.kv_state(kv_input, rotary)
         query, _ = self.content_query_and_bias(query, key.shape[2], position_embeddings)
         return self._masked_weights(self.features(query, True), self.features(key, False), None)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: torch.Tensor | None = None,
+        key_value_states: torch.Tensor | None = None,
+        state: tuple[torch.Tensor, ...] | None = None,
+        state_update=None,
+        running_summary: RunningSummaryLayer | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if running_summary is None:
+            return super().forward(
+                hidden_states, attention_mask, position_embeddings, key_value_states, state, state_update, **kwargs
+            )
+        if not self.is_causal or key_value_states is not None:
+            raise ValueError("a running summary replaces the cache of causal self-attention only")
+        rotary = self.rotary_of(position_embeddings)
+        query = self.project_query(hidden_states, rotary)
+        key, value = self.kv_state(hidden_states, rotary)
+        if self.position_mode == "relative":
+            query = query + self.pos_bias_u[None, :, None, :]
+        query, key = self.features(query, True), self.features(key, False)
+        past, length = running_summary.get_seq_length(), key.shape[2]
+        chunk_mask = None if attention_mask is None else attention_mask[..., past : past + length]
+        scores = self._masked_scores(query, key, chunk_mask)  # the new tokens among themselves
+        numerator, denominator = torch.matmul(scores, value), scores.sum(-1)
+        keep = key_padding_mask(chunk_mask, length)
+        if keep is not None:
+            key = key * keep[:, None, :, None].to(key.dtype)
+        key_value_sum = torch.einsum("bhtf,bhtd->bhfd", key, value)
+        key_sum = key.sum(dim=2)
+        if past:  # every earlier token, through the running sums
+            previous_kv, previous_k = running_summary.keys, running_summary.values
+            numerator = numerator + torch.matmul(query, previous_kv)
+            denominator = denominator + torch.einsum("bhtf,bhf->bht", query, previous_k)
+            key_value_sum, key_sum = key_value_sum + previous_kv, key_sum + previous_k
+        running_summary.store(key_value_sum, key_sum, length)
+        output = (numerator / (denominator.unsqueeze(-1) + self.eps)).transpose(1, 2)
+        return self.out_proj(output.reshape(*hidden_states.shape[:-1], -1)), None
 
     def attend(self, query, state, attention_mask, position_embeddings, rotary, **kwargs):
         key, value = state
@@ -129,3 +177,50 @@ class LinearAttention(ConvertedAttention):
         normaliser = torch.einsum("bhtd,bhd->bht", query, key.sum(dim=2)).unsqueeze(-1)
         output = torch.einsum("bhtd,bhde->bhte", query, summary) / (normaliser + self.eps)
         return output.transpose(1, 2), None
+
+
+class RunningSummaryLayer(DynamicLayer):
+    """A ``transformers`` cache layer for causal linear attention: ``keys`` holds ``Σ φ(k) vᵀ``
+    ``[B, H, F, d]`` and ``values`` holds ``Σ φ(k)`` ``[B, H, F]``, replaced (not grown) at every
+    step; the token count is kept so positions and masks see the true length."""
+
+    is_croppable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = 0
+
+    def store(self, key_value_sum: torch.Tensor, key_sum: torch.Tensor, new_tokens: int) -> None:
+        self.keys, self.values = key_value_sum, key_sum
+        self.dtype, self.device = key_value_sum.dtype, key_value_sum.device
+        self.is_initialized = True
+        self.tokens += new_tokens
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise RuntimeError("a running-summary layer is written through store(), not update()")
+
+    def get_seq_length(self) -> int:
+        return self.tokens if self.is_initialized else 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.tokens = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise RuntimeError("a running summary cannot be cropped back to an earlier length")
+
+
+def running_summary_layer(cache, layer_idx: int) -> RunningSummaryLayer:
+    """The :class:`RunningSummaryLayer` at ``layer_idx`` of a ``DynamicCache``, put there (in place
+    of a fresh per-token layer) on first use."""
+    layers = cache.layers
+    while len(layers) < layer_idx:  # caches that add their layers lazily
+        layers.append(cache.layer_class_to_replicate())
+    if len(layers) == layer_idx:
+        layers.append(RunningSummaryLayer())
+    layer = layers[layer_idx]
+    if not isinstance(layer, RunningSummaryLayer):
+        if layer.get_seq_length():
+            raise RuntimeError(f"cache layer {layer_idx} already holds per-token keys and values")
+        layer = layers[layer_idx] = RunningSummaryLayer()
+    return layer

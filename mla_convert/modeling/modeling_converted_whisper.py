@@ -4,7 +4,8 @@ The replacement module speaks ``WhisperAttention``'s calling convention, includi
 ``EncoderDecoderCache``. What goes into the cache is the variant's per-token *state*: for MLA the
 latent (``d_c`` numbers per token and layer, stored as the cache's "keys" with an empty "values"
 tensor), for GQA the ``kv_heads`` key/value heads. So the memory ``generate()`` holds really shrinks;
-keys and values are rebuilt from the state at each step.
+keys and values are rebuilt from the state at each step. Causal linear attention keeps no per-token state
+at all: its cache layer holds the running sums of the recurrent form.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from transformers.cache_utils import EncoderDecoderCache
 
 from .attention_base import AttentionGeometry, ConvertedAttention
 from .attention_build import build_attention
+from .attention_linear import LinearAttention, running_summary_layer
 from .configuration_converted_whisper import ConvertedWhisperConfig
 
 ROLES = {
@@ -73,6 +75,11 @@ class ConvertedWhisperAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         cache, reuse = past_key_values, False
+        if isinstance(self.attention, LinearAttention) and self.attention.is_causal and cache is not None:
+            if isinstance(cache, EncoderDecoderCache):
+                cache = cache.self_attention_cache
+            summary = running_summary_layer(cache, self.layer_idx)  # O(1) state, not per-token K/V
+            return self.attention(hidden_states, attention_mask=attention_mask, running_summary=summary, **kwargs)
         if isinstance(cache, EncoderDecoderCache):
             if key_value_states is not None:
                 reuse = bool(cache.is_updated.get(self.layer_idx))

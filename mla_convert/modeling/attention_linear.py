@@ -123,20 +123,23 @@ class LinearAttention(ConvertedAttention):
         return self._masked_weights(self.features(query, True), self.features(key, False), None)
 
     def forward(
+        self, hidden_states: torch.Tensor, *args, running_summary: RunningSummaryLayer | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As :meth:`ConvertedAttention.forward`; with a ``running_summary`` (causal self-attention
+        while generating) the earlier tokens come from its running sums instead of a K/V cache."""
+        if running_summary is None:
+            return super().forward(hidden_states, *args, **kwargs)
+        return self._forward_recurrent(hidden_states, running_summary, **kwargs)
+
+    def _forward_recurrent(
         self,
         hidden_states: torch.Tensor,
+        running_summary: RunningSummaryLayer,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: torch.Tensor | None = None,
         key_value_states: torch.Tensor | None = None,
-        state: tuple[torch.Tensor, ...] | None = None,
-        state_update=None,
-        running_summary: RunningSummaryLayer | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if running_summary is None:
-            return super().forward(
-                hidden_states, attention_mask, position_embeddings, key_value_states, state, state_update, **kwargs
-            )
         if not self.is_causal or key_value_states is not None:
             raise ValueError("a running summary replaces the cache of causal self-attention only")
         rotary = self.rotary_of(position_embeddings)

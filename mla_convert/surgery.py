@@ -169,7 +169,7 @@ def _budgeted_latent_dims(
     paths = [site.path for site in sites]
     spectra = [latent_spectrum(all_weights[path], spec, statistics and statistics[path]) for path in paths]
     widths = [all_weights[path].geometry.hidden_size for path in paths]
-    budget = int(round(spec.cache_budget * sum(2 * width for width in widths)))
+    budget = budget_values(spec.cache_budget, widths)
     spectral = allocate_ranks(spectra, budget, minimum=1, maximum=widths)
     search: dict = {"budget": budget, "allocation": spec.budget_allocation}
     if spec.budget_allocation == "spectral" or statistics is None or not evaluation:
@@ -215,6 +215,19 @@ def _budgeted_latent_dims(
         ranks=choices[chosen],
     )
     return dict(zip(paths, choices[chosen], strict=True)), search
+
+
+def budget_values(cache_budget: float, widths: Sequence[int]) -> int:
+    """The latent values per token a ``cache_budget`` fraction buys over layers of these hidden
+    sizes; a one-line error when that cannot give every layer at least one."""
+    budget = int(round(cache_budget * sum(2 * width for width in widths)))
+    if budget < len(widths):
+        least = len(widths) / sum(2 * width for width in widths)
+        raise SpecError(
+            f"--cache-budget {cache_budget:g} buys {budget} latent values per token for {len(widths)} layers; "
+            f"every layer needs at least one (a budget of at least {least:.2g})"
+        )
+    return budget
 
 
 class _OutputDivergence:
@@ -285,6 +298,14 @@ def check_request(
         unknown = sorted(set(layers) - set(range(count)))
         if unknown:
             raise SpecError(f"no attention layer(s) {unknown} in this model (it has {count})")
+    if getattr(spec, "cache_budget", None) is not None:
+        widths = [
+            adapter.geometry(config, role)[0]
+            for role in roles
+            for index in range(adapter.layer_count(config, role))
+            if layers is None or index in layers
+        ]
+        budget_values(spec.cache_budget, widths)
 
 
 def _resolve_roles(adapter: HostAdapter, targets: Sequence[str] | None) -> tuple[str, ...]:

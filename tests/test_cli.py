@@ -54,6 +54,8 @@ def test_existing_output_needs_overwrite(saved_conformer, tmp_path, capsys):
         (["--attention", "gqa", "--kv-heads", "3"], "kv_heads must divide the 4 attention heads"),
         (["--attention", "mla"], "needs --latent-dim"),
         (["--attention", "mla", "--latent-dim", "8", "--layers", "7"], "no attention layer(s) [7]"),
+        (["--attention", "mla", "--cache-budget", "0.001"], "every layer needs at least one"),
+        (["--attention", "mla", "--cache-budget", "0.7"], "cache_budget is a fraction"),
     ],
 )
 def test_bad_specs_fail_in_one_line_and_write_nothing(saved_conformer, tmp_path, extra, message):

@@ -93,7 +93,9 @@ def convert_checkpoint(
     adapter = adapter_for_config(config)
     check_request(adapter, config, spec, layers, targets)
     if spec.needs_calibration and not calibration:
-        raise SpecError(f"--init {spec.init} needs calibration audio (--calibration hub|PATH ...)")
+        raise SpecError(f"{spec.calibrated_option} needs calibration audio (--calibration hub|PATH ...)")
+    if calibration and calibration_samples is not None and calibration_samples < 1:
+        raise SpecError(f"--calibration-samples must be at least 1, got {calibration_samples}")
     with transformers_progress_bars(progress):
         model = load_pretrained(model_id, config=config)
         fit_batches = held_out_batches = None

@@ -58,11 +58,18 @@ class MLASpec:
     def needs_calibration(self) -> bool:
         return self.init == "calibrated"
 
+    @property
+    def calibrated_option(self) -> str:
+        """The option that asked for calibration, for error messages."""
+        return f"--init {self.init}"
+
     def validate(self, hidden_size: int, num_heads: int) -> None:
         if self.init not in MLA_INITS:
             raise SpecError(f"unknown MLA init {self.init!r}; choose one of {', '.join(MLA_INITS)}")
         if self.objective not in MLA_OBJECTIVES:
             raise SpecError(f"unknown MLA objective {self.objective!r}; choose one of {', '.join(MLA_OBJECTIVES)}")
+        if self.damping < 0:
+            raise SpecError(f"damping must be >= 0 (it is added to the covariance), got {self.damping}")
         if self.budget_allocation not in BUDGET_ALLOCATIONS:
             raise SpecError(
                 f"unknown budget allocation {self.budget_allocation!r}; choose one of {', '.join(BUDGET_ALLOCATIONS)}"
@@ -115,6 +122,11 @@ class GQASpec:
     def needs_calibration(self) -> bool:
         return self.init == "calibrated"
 
+    @property
+    def calibrated_option(self) -> str:
+        """The option that asked for calibration, for error messages."""
+        return f"--init {self.init}"
+
     def validate(self, hidden_size: int, num_heads: int) -> None:
         if self.init not in GQA_INITS:
             raise SpecError(f"unknown GQA init {self.init!r}; choose one of {', '.join(GQA_INITS)}")
@@ -141,6 +153,11 @@ class LinearSpec:
     @property
     def needs_calibration(self) -> bool:
         return self.feature_map == "hedgehog"
+
+    @property
+    def calibrated_option(self) -> str:
+        """The option that asked for calibration, for error messages."""
+        return f"--feature-map {self.feature_map}"
 
     def validate(self, hidden_size: int, num_heads: int) -> None:
         if self.feature_map not in FEATURE_MAPS:

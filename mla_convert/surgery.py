@@ -70,7 +70,7 @@ def convert(
         model_type=config.model_type, spec=spec_to_dict(spec), dtype=str(dtype).replace("torch.", "")
     )
     if spec.needs_calibration and calibration is None:
-        raise SpecError(f"--init {spec.init} needs calibration audio (--calibration)")
+        raise SpecError(f"{spec.calibrated_option} needs calibration audio (--calibration)")
     statistics = transfer_samples = None
     if calibration is not None:
         calibration = list(calibration)

@@ -56,6 +56,12 @@ def test_existing_output_needs_overwrite(saved_conformer, tmp_path, capsys):
         (["--attention", "mla", "--latent-dim", "8", "--layers", "7"], "no attention layer(s) [7]"),
         (["--attention", "mla", "--cache-budget", "0.001"], "every layer needs at least one"),
         (["--attention", "mla", "--cache-budget", "0.7"], "cache_budget is a fraction"),
+        (["--attention", "mla", "--latent-dim", "8", "--damping", "-1"], "damping must be >= 0"),
+        (["--attention", "linear", "--feature-map", "hedgehog"], "--feature-map hedgehog needs calibration audio"),
+        (
+            ["--attention", "mla", "--latent-dim", "8", "--calibration", "hub", "--calibration-samples", "0"],
+            "--calibration-samples must be at least 1",
+        ),
     ],
 )
 def test_bad_specs_fail_in_one_line_and_write_nothing(saved_conformer, tmp_path, extra, message):

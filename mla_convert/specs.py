@@ -19,8 +19,23 @@ GQA_INITS = ("mean-pool", "calibrated")
 FEATURE_MAPS = ("elu", "relu", "hedgehog")
 
 
+class _InitCalibration:
+    """Specs whose ``init="calibrated"`` asks for calibration audio."""
+
+    init: str
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.init == "calibrated"
+
+    @property
+    def calibrated_option(self) -> str:
+        """The option that asked for calibration, for error messages."""
+        return f"--init {self.init}"
+
+
 @dataclass(frozen=True)
-class MLASpec:
+class MLASpec(_InitCalibration):
     """Multi-head latent attention with a ``latent_dim``-wide K/V latent per token.
 
     ``init="svd"`` seeds one latent shared by K and V from a truncated SVD of ``[W_k; W_v]``;
@@ -53,15 +68,6 @@ class MLASpec:
     @property
     def latent_layout(self) -> str:
         return "split" if self.init == "svd-split" else "joint"
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.init == "calibrated"
-
-    @property
-    def calibrated_option(self) -> str:
-        """The option that asked for calibration, for error messages."""
-        return f"--init {self.init}"
 
     def validate(self, hidden_size: int, num_heads: int) -> None:
         if self.init not in MLA_INITS:
@@ -105,7 +111,7 @@ class MLASpec:
 
 
 @dataclass(frozen=True)
-class GQASpec:
+class GQASpec(_InitCalibration):
     """Grouped-query attention with ``kv_heads`` K/V heads.
 
     ``init="mean-pool"`` averages contiguous groups of heads (the GQA paper's recipe);
@@ -117,15 +123,6 @@ class GQASpec:
     kv_heads: int
     init: str = "mean-pool"
     attention: ClassVar[str] = "gqa"
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.init == "calibrated"
-
-    @property
-    def calibrated_option(self) -> str:
-        """The option that asked for calibration, for error messages."""
-        return f"--init {self.init}"
 
     def validate(self, hidden_size: int, num_heads: int) -> None:
         if self.init not in GQA_INITS:

@@ -118,8 +118,7 @@ def convert(
             )
         replacement.to(device=device, dtype=dtype)
         replacement.train(site.module.training)
-        parent_path, _, name = site.path.rpartition(".")
-        setattr(adapter.base_model(model).get_submodule(parent_path), name, replacement)
+        _replace_submodule(adapter.base_model(model), site.path, replacement)
         layer_specs[site.path] = dict(layer_spec)
         report.layers.append(layer)
 
@@ -181,14 +180,15 @@ def _budgeted_latent_dims(
     measure = _OutputDivergence(model, adapter, sites, evaluation)
     unit, candidates = candidate_ranks(budget, widths)
 
+    site_at = {site.path: site for site in sites}
+
     def divergence(ranks: dict[str, int]) -> float:
-        replacements = {}
-        for path, rank in ranks.items():
-            site = next(site for site in sites if site.path == path)
-            module, _ = _seeded_replacement(
-                adapter, model.config, site, spec.layer_dict(rank), all_weights[path], spec, statistics[path]
-            )
-            replacements[path] = module
+        replacements = {
+            path: _seeded_replacement(
+                adapter, model.config, site_at[path], spec.layer_dict(rank), all_weights[path], spec, statistics[path]
+            )[0]
+            for path, rank in ranks.items()
+        }
         return measure(replacements)
 
     per_layer = []
@@ -215,6 +215,15 @@ def _budgeted_latent_dims(
         ranks=choices[chosen],
     )
     return dict(zip(paths, choices[chosen], strict=True)), search
+
+
+def _replace_submodule(base: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at ``path`` below ``base``; returns the module that was there."""
+    parent_path, _, name = path.rpartition(".")
+    parent = base.get_submodule(parent_path)
+    previous = getattr(parent, name)
+    setattr(parent, name, module)
+    return previous
 
 
 def budget_values(cache_budget: float, widths: Sequence[int]) -> int:
@@ -262,18 +271,15 @@ class _OutputDivergence:
     def __call__(self, replacements: dict[str, nn.Module]) -> float:
         parameter = next(self.model.parameters())
         base = self.adapter.base_model(self.model)
-        originals = {}
-        for path, module in replacements.items():
-            parent_path, _, name = path.rpartition(".")
-            parent = base.get_submodule(parent_path)
-            originals[path] = getattr(parent, name)
-            setattr(parent, name, module.to(device=parameter.device, dtype=parameter.dtype))
+        originals = {
+            path: _replace_submodule(base, path, module.to(device=parameter.device, dtype=parameter.dtype))
+            for path, module in replacements.items()
+        }
         try:
             outputs = self._outputs()
         finally:
             for path, module in originals.items():
-                parent_path, _, name = path.rpartition(".")
-                setattr(base.get_submodule(parent_path), name, module)
+                _replace_submodule(base, path, module)
         total = torch.zeros((), dtype=torch.float64)
         count = 0.0
         for reference, output in zip(self.reference, outputs, strict=True):

@@ -143,20 +143,13 @@ class LinearAttention(ConvertedAttention):
         if not self.is_causal or key_value_states is not None:
             raise ValueError("a running summary replaces the cache of causal self-attention only")
         rotary = self.rotary_of(position_embeddings)
-        query = self.project_query(hidden_states, rotary)
         key, value = self.kv_state(hidden_states, rotary)
-        if self.position_mode == "relative":
-            query = query + self.pos_bias_u[None, :, None, :]
-        query, key = self.features(query, True), self.features(key, False)
+        query, key = self._featurised(self.project_query(hidden_states, rotary), key)
         past, length = running_summary.get_seq_length(), key.shape[2]
         chunk_mask = None if attention_mask is None else attention_mask[..., past : past + length]
         scores = self._masked_scores(query, key, chunk_mask)  # the new tokens among themselves
         numerator, denominator = torch.matmul(scores, value), scores.sum(-1)
-        keep = key_padding_mask(chunk_mask, length)
-        if keep is not None:
-            key = key * keep[:, None, :, None].to(key.dtype)
-        key_value_sum = torch.einsum("bhtf,bhtd->bhfd", key, value)
-        key_sum = key.sum(dim=2)
+        key_value_sum, key_sum = self._sums(self._drop_padded_keys(key, chunk_mask), value)
         if past:  # every earlier token, through the running sums
             previous_kv, previous_k = running_summary.keys, running_summary.values
             numerator = numerator + torch.matmul(query, previous_kv)
@@ -168,18 +161,29 @@ class LinearAttention(ConvertedAttention):
 
     def attend(self, query, state, attention_mask, position_embeddings, rotary, **kwargs):
         key, value = state
-        if self.position_mode == "relative":  # the content bias only: see the module docstring
-            query = query + self.pos_bias_u[None, :, None, :]
-        query, key = self.features(query, True), self.features(key, False)
+        query, key = self._featurised(query, key)
         if self.is_causal:
             return torch.matmul(self._masked_weights(query, key, attention_mask), value).transpose(1, 2), None
-        keep = key_padding_mask(attention_mask, key.shape[2])
-        if keep is not None:
-            key = key * keep[:, None, :, None].to(key.dtype)
-        summary = torch.einsum("bhtd,bhte->bhde", key, value)
-        normaliser = torch.einsum("bhtd,bhd->bht", query, key.sum(dim=2)).unsqueeze(-1)
-        output = torch.einsum("bhtd,bhde->bhte", query, summary) / (normaliser + self.eps)
+        summary, key_sum = self._sums(self._drop_padded_keys(key, attention_mask), value)
+        normaliser = torch.einsum("bhtf,bhf->bht", query, key_sum).unsqueeze(-1)
+        output = torch.matmul(query, summary) / (normaliser + self.eps)
         return output.transpose(1, 2), None
+
+    def _featurised(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(φ(q), φ(k))``; relative models add the content bias only (see the module docstring)."""
+        if self.position_mode == "relative":
+            query = query + self.pos_bias_u[None, :, None, :]
+        return self.features(query, True), self.features(key, False)
+
+    @staticmethod
+    def _drop_padded_keys(key: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        keep = key_padding_mask(attention_mask, key.shape[2])
+        return key if keep is None else key * keep[:, None, :, None].to(key.dtype)
+
+    @staticmethod
+    def _sums(key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Σ φ(k) vᵀ, Σ φ(k))`` over the tokens: the whole history linear attention needs."""
+        return torch.einsum("bhtf,bhtd->bhfd", key, value), key.sum(dim=2)
 
 
 class RunningSummaryLayer(DynamicLayer):

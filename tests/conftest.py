@@ -12,7 +12,21 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The sample data: $LIBRISPEECH_ROOT (an extracted LibriSpeech root, official layout) if set, else the
+# project's ../shared/data/LibriSpeech beside the clone. Other corpora (LJ Speech, JFK) sit in
+# ``other/`` beside that LibriSpeech root.
+_DEFAULT_SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+LIBRISPEECH = (
+    Path(os.environ["LIBRISPEECH_ROOT"]).expanduser()
+    if os.environ.get("LIBRISPEECH_ROOT")
+    else (_DEFAULT_SHARED / "LibriSpeech")
+)
+SHARED_DATA = LIBRISPEECH.parent
+OTHER_DATA = SHARED_DATA / "other"
+HAS_LIBRISPEECH = (LIBRISPEECH / "dev-clean").is_dir()
+needs_librispeech = pytest.mark.skipif(
+    not HAS_LIBRISPEECH, reason=f"no LibriSpeech sample at {LIBRISPEECH} (set LIBRISPEECH_ROOT)"
+)
 LETTERS = ["<pad>", "<s>", "</s>", "<unk>", "|", *"ABCDEFGHIJKLMNOPQRSTUVWXYZ'"]
 
 
@@ -134,8 +148,25 @@ def imported_whisper(tmp_path_factory) -> Path:
 def librispeech_utterances(subset: str, limit: int | None = None) -> list[tuple[str, Path, str]]:
     """``(id, flac path, transcript)`` of a shared LibriSpeech subset, sorted by id."""
     rows = []
-    for transcript in sorted((SHARED_DATA / "LibriSpeech" / subset).glob("*/*/*.trans.txt")):
+    for transcript in sorted((LIBRISPEECH / subset).glob("*/*/*.trans.txt")):
         for line in transcript.read_text().splitlines():
             utterance, text = line.split(" ", 1)
             rows.append((utterance, transcript.parent / f"{utterance}.flac", text))
     return sorted(rows)[:limit]
+
+
+def pytest_report_header(config) -> str:
+    if HAS_LIBRISPEECH:
+        return f"LibriSpeech sample: {LIBRISPEECH}"
+    return (
+        f"LibriSpeech sample: none at {LIBRISPEECH}: tests that read real audio are skipped "
+        "(set LIBRISPEECH_ROOT to an extracted LibriSpeech root)"
+    )
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not HAS_LIBRISPEECH:
+        skipped = len(terminalreporter.stats.get("skipped", []))
+        terminalreporter.write_line(
+            f"{skipped} tests skipped: no LibriSpeech sample at {LIBRISPEECH} (set LIBRISPEECH_ROOT)"
+        )

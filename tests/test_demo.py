@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import SHARED_DATA
+from conftest import LIBRISPEECH
 
 from mla_convert import cli
 
@@ -14,7 +14,7 @@ def test_demo_writes_a_table_a_plot_and_rows_where_lossless_mla_matches_the_orig
 ):
     monkeypatch.setenv("MLA_CONVERT_CACHE", str(imported_whisper.parent))
     monkeypatch.chdir(tmp_path)
-    args = ["demo", "--data", str(SHARED_DATA / "LibriSpeech"), "--split", "dev-clean", "--limit", "3",
+    args = ["demo", "--data", str(LIBRISPEECH), "--split", "dev-clean", "--limit", "3",
             "--latent-dims", "384", "48", "--quiet"]  # fmt: skip
     assert cli.main(args) == 0
     printed = capsys.readouterr().out

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from conftest import SHARED_DATA, save_processor, tiny_conformer, tiny_conformer_config
+from conftest import LIBRISPEECH, save_processor, tiny_conformer, tiny_conformer_config
 
 import mla_convert
 from mla_convert import MLASpec
@@ -38,7 +38,6 @@ from mla_convert.evaluate import (
 )
 from mla_convert.normalize import librispeech_normalize, normalizer_for
 
-LIBRISPEECH = SHARED_DATA / "LibriSpeech"
 pytestmark = pytest.mark.skipif(not LIBRISPEECH.is_dir(), reason="shared LibriSpeech sample not present")
 
 # 320-sample frames (50 per second) like the released checkpoints: the conftest default (20 samples)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA, save_processor, tiny_conformer
+from conftest import LIBRISPEECH, SHARED_DATA, save_processor, tiny_conformer
 
 import mla_convert
 from mla_convert import cli
@@ -25,7 +25,7 @@ from mla_convert.finetune import (
 )
 from mla_convert.specs import MLASpec
 
-DEV_CLEAN = SHARED_DATA / "LibriSpeech" / "dev-clean"
+DEV_CLEAN = LIBRISPEECH / "dev-clean"
 # no dropout / SpecAugment: a student equal to its teacher gives exactly the teacher's logits
 NO_NOISE = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
                 final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0)  # fmt: skip
@@ -179,7 +179,7 @@ def test_bad_input_is_one_line(ctc_pair, tmp_path, capsys):
     base = ["finetune", str(student), "--max-steps", "1", "--quiet", "--test-splits"]
     cases = [
         ([*base, "--data", str(tmp_path / "missing"), "--output", str(tmp_path / "a")], "does not exist"),
-        ([*base, "--data", str(SHARED_DATA / "LibriSpeech"), "--output", str(tmp_path / "f")],
+        ([*base, "--data", str(LIBRISPEECH), "--output", str(tmp_path / "f")],
          "no train-clean-100 folder under"),
         ([*base, "--data", str(DEV_CLEAN), "--teacher", str(other_vocab), "--output", str(tmp_path / "b")],
          "different vocabulary (40 output tokens against the student's 32)"),
@@ -197,9 +197,9 @@ def test_bad_input_is_one_line(ctc_pair, tmp_path, capsys):
 
 def test_training_never_uses_the_test_utterances(ctc_pair, tmp_path):
     student, _ = ctc_pair
-    test_clean = SHARED_DATA / "LibriSpeech" / "test-clean"
+    test_clean = LIBRISPEECH / "test-clean"
     config = ctc_config(student, tmp_path / "run", data=[str(test_clean)], test_splits=["test-clean"],
-                        test_data=str(SHARED_DATA / "LibriSpeech"))  # fmt: skip
+                        test_data=str(LIBRISPEECH))  # fmt: skip
     with pytest.raises(mla_convert.MlaConvertError, match="shares .* utterances with test-clean"):
         finetune(config)
 
@@ -207,7 +207,7 @@ def test_training_never_uses_the_test_utterances(ctc_pair, tmp_path):
 def test_end_of_run_evaluation_writes_before_after_wer(ctc_pair, tmp_path):
     student, teacher = ctc_pair
     config = ctc_config(student, tmp_path / "run", teacher=str(teacher), max_steps=2, eval_data=None,
-                        max_seconds=4.5, test_splits=["test-clean"], test_data=str(SHARED_DATA / "LibriSpeech"),
+                        max_seconds=4.5, test_splits=["test-clean"], test_data=str(LIBRISPEECH),
                         test_limit=2)  # fmt: skip
     summary = finetune(config)
     row = summary["wer"]["test-clean"]
@@ -293,7 +293,7 @@ def test_a_fine_tuned_model_pushes_with_its_training_in_the_card(ctc_pair, tmp_p
     student, teacher = ctc_pair
     run = tmp_path / "run"
     config = ctc_config(student, run, teacher=str(teacher), max_steps=2, test_splits=["test-clean"],
-                        test_data=str(SHARED_DATA / "LibriSpeech"), test_limit=1)  # fmt: skip
+                        test_data=str(LIBRISPEECH), test_limit=1)  # fmt: skip
     finetune(config)
     upload = tmp_path / "upload"
     assert cli.main(["push", str(run), "--repo-id", "someone/tiny-mla-ft", "--dry-run", str(upload)]) == 0

@@ -49,6 +49,9 @@ mapfile -t finetune_args < <(recipe finetune)
 teacher_args=(--teacher "$model")
 
 echo "== $name: $model -> $run"
+# the data first (the training split, the test splits): a recipe whose data is missing fails here in
+# seconds, not after the conversion
+mla-convert finetune "$model" "${finetune_args[@]}" --output "$run/finetuned" --check-data
 if [[ ! -f "$run/converted/config.json" ]]; then
   mla-convert convert "$model" "${convert_args[@]}" --output "$run/converted" --quiet
 fi

@@ -3,6 +3,7 @@
 Calibration data is any transcribed speech: ``hub`` (LibriSpeech dev-clean streamed), a
 LibriSpeech root (its dev-clean), or any folder with LibriSpeech ``*.trans.txt`` files below it (a
 subset such as ``dev-clean`` itself) or a ``transcripts.tsv`` (``id<TAB>text``) beside its audio.
+LibriSpeech's test splits (test-clean, test-other), on which models are scored, are refused.
 Every fifth utterance is held out: the report's activation errors are measured on utterances the fit never saw.
 """
 
@@ -22,15 +23,55 @@ from .hosts import AttentionSite, HostAdapter
 from .hosts.base import SiteInputs
 
 HELD_OUT_EVERY = 5
+# The LibriSpeech subsets models are scored on: never calibration data.
+EVALUATION_SPLITS = ("test-clean", "test-other")
 
 
 class CalibrationError(MlaConvertError):
     """Calibration data that cannot be used (missing folder, no transcripts, overlap with test sets)."""
 
 
-def _corpus_rows(folder: Path, sampling_rate: int) -> Iterable[dict]:
+class EvaluationSplitCalibrationError(CalibrationError):
+    """A calibration source that is (or holds) a LibriSpeech test split, the data models are scored on."""
+
+
+def _evaluation_split_in(path: Path) -> str | None:
+    return next((part for part in path.parts if part in EVALUATION_SPLITS), None)
+
+
+def _refuse_evaluation_split(source: str, path: Path) -> None:
+    split = _evaluation_split_in(path.resolve())
+    if split is not None:
+        raise EvaluationSplitCalibrationError(
+            f"--calibration {source}: LibriSpeech {split} is an evaluation split; calibrate on dev-clean "
+            "(hub, or a LibriSpeech root) or other speech"
+        )
+
+
+def _calibration_folder(source: str) -> Path:
+    """The folder a calibration source reads: a LibriSpeech root's dev-clean, else the folder itself."""
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        raise CalibrationError(f"calibration folder not found: {source}")
+    for candidate in (folder / "dev-clean", folder / "LibriSpeech" / "dev-clean"):
+        if candidate.is_dir():
+            return candidate
+    return folder
+
+
+def check_calibration_sources(sources: Sequence[str]) -> None:
+    """Cheap checks of calibration sources before any model is loaded: each folder exists, and none
+    is a LibriSpeech test split (test-clean, test-other) or a folder of one. A one-line
+    :class:`CalibrationError` otherwise. (Utterances found below a root are checked again as read.)"""
+    for source in sources:
+        if source != "hub":
+            _refuse_evaluation_split(source, _calibration_folder(source))
+
+
+def _corpus_rows(source: str, folder: Path, sampling_rate: int) -> Iterable[dict]:
     try:
         for row in iter_folder_index(folder):
+            _refuse_evaluation_split(source, Path(row["audio"]["path"]))
             yield {**row, "audio": decode_audio(row["audio"], sampling_rate), "source": str(folder)}
     except DataError as error:
         raise CalibrationError(str(error)) from None
@@ -41,20 +82,17 @@ def _source_rows(source: str, sampling_rate: int) -> Iterable[dict]:
         for row in librispeech("dev-clean", "hub", sampling_rate):
             yield {**row, "source": "hub:dev-clean"}
         return
-    folder = Path(source).expanduser()
-    if not folder.is_dir():
-        raise CalibrationError(f"calibration folder not found: {source}")
-    for candidate in (folder / "dev-clean", folder / "LibriSpeech" / "dev-clean"):
-        if candidate.is_dir():
-            folder = candidate
-            break
-    yield from _corpus_rows(folder, sampling_rate)
+    folder = _calibration_folder(source)
+    _refuse_evaluation_split(source, folder)
+    yield from _corpus_rows(source, folder, sampling_rate)
 
 
 def calibration_utterances(
     sources: Sequence[str], samples: int | None = None, sampling_rate: int = 16000
 ) -> list[dict]:
-    """Up to ``samples`` utterances, taken round-robin from the sources so each contributes."""
+    """Up to ``samples`` utterances, taken round-robin from the sources so each contributes; a
+    LibriSpeech test split (test-clean, test-other) is refused as a source."""
+    check_calibration_sources(sources)
     streams = [iter(_source_rows(source, sampling_rate)) for source in sources]
     rows: list[dict] = []
     for row in itertools.chain.from_iterable(itertools.zip_longest(*streams)):

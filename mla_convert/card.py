@@ -7,6 +7,7 @@ never holds a local path or a date.
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,11 @@ ATTENTION_NAMES = {
     "linear": "linear attention",
 }
 ROLE_NAMES = {"encoder": "encoder self-attention", "decoder": "decoder self-attention", "cross": "cross-attention"}
+# Calibration utterance ids -> the Hub dataset they come from (the card never names a local path).
+ID_DATASETS = ((re.compile(r"^\d+-\d+-\d+$"), HUB_DATASET), (re.compile(r"^LJ\d{3}-\d{4}$"), "keithito/lj_speech"))
+DATASET_NAMES = {HUB_DATASET: "LibriSpeech", "keithito/lj_speech": "LJ Speech"}
+# Variants whose K/V projections are the trained ones: a K/V error is not defined for them.
+NO_KV_ERROR = {"linear"}
 
 
 @dataclass
@@ -44,7 +50,9 @@ class BaseModelInfo:
     license: str | None = None
     license_name: str | None = None
     license_link: str | None = None
-    license_origin: str | None = None  # "card" (the base model's card) or "option" (--license)
+    license_origin: str | None = None  # "card" (the base model's card), "known" (license_note) or "option" (--license)
+    license_note: str | None = None  # where a "known" licence comes from
+    language: list[str] | None = None  # ISO codes, from the base model's card or what is known of it
     note: str | None = None  # how the converted weights relate to the Hub model, when not plainly
 
     @property
@@ -178,6 +186,7 @@ def card_data(inputs: CardInputs):
     results = eval_results(inputs)
     if results and HUB_DATASET not in datasets:
         datasets.append(HUB_DATASET)
+    datasets += [name for name in calibration_datasets(inputs.report) if name not in datasets]
     base = inputs.base
     extra = {}
     if base.license_name:
@@ -185,6 +194,7 @@ def card_data(inputs: CardInputs):
     if base.license_link:
         extra["license_link"] = base.license_link
     return ModelCardData(
+        language=base.language or None,
         library_name="transformers",
         base_model=base.hub_id,
         pipeline_tag=pipeline_tag(config),
@@ -201,31 +211,132 @@ def card_data(inputs: CardInputs):
 # ------------------------------------------------------------------------------------------------ body
 
 
+def _latent_size(spec: dict, config: dict) -> str:
+    """``a 96-value latent``, or the per-layer sizes a cache budget chose."""
+    if spec.get("latent_dim"):
+        return f"a {spec['latent_dim']}-value latent"
+    sizes = [layer.get("latent_dim") for layer in (conversion(config).get("layers") or {}).values()]
+    sizes = [str(size) for size in sizes if size]
+    budget = spec.get("cache_budget")
+    chosen = f" ({'/'.join(sizes)} values per layer)" if sizes else ""
+    return f"a latent sized per layer by a cache budget of {budget} of the original K/V values{chosen}"
+
+
+def _calibrated_mla_text(spec: dict) -> str:
+    objective = spec.get("objective", "attention")
+    if objective == "attention":
+        fitted = (
+            "the attention objective: each key head weighted by the queries that read it and each value head "
+            "by its slice of the output projection, so the latent keeps what reaches the scores and the output"
+        )
+    else:
+        fitted = "the K/V objective: K and V themselves"
+    balance = ", K balanced against V" if spec.get("balance_kv", True) else ""
+    damping = spec.get("damping", 1e-4)
+    return (
+        "seeded by a whitened (activation-calibrated) SVD of the stacked trained `[W_k; W_v]`: the layer inputs of "
+        f"the calibration audio whiten it (Cholesky factor of their covariance, damping {damping}){balance}, "
+        f"fitted with {fitted}"
+    )
+
+
+def _calibrated_gqa_text(config: dict) -> str:
+    grouping = "heads grouped by how alike their keys and values are on the calibration audio"
+    if config.get("position_embeddings_type") in ("relative", "rotary"):
+        return (
+            f"{grouping}; each group's K and V projections merged by weighted least squares on the calibration "
+            "inputs (keys weighted by the queries that read them, values by the output projection)"
+        )
+    return (
+        f"{grouping}; each group shares one key and one value subspace fitted on the calibration inputs, and each "
+        "query head and output-projection slice absorbs its own map into that subspace (exact at full size)"
+    )
+
+
 def _spec_text(spec: dict, config: dict) -> str:
     kind = spec.get("attention")
+    init = spec.get("init")
     if kind == "mla":
         latent = spec.get("latent_dim")
-        if spec.get("init") == "svd-split":
+        if init == "svd-split":
             return (
                 f"{ATTENTION_NAMES['mla']}: each position stores a {latent}-value latent, split into separate K and "
                 f"V latents of {int(latent) // 2} values, each seeded by a truncated SVD of the trained `W_k` / `W_v`"
             )
+        seeding = (
+            _calibrated_mla_text(spec)
+            if init == "calibrated"
+            else "seeded by a truncated SVD of the stacked trained `[W_k; W_v]` (plain SVD, no calibration)"
+        )
         return (
-            f"{ATTENTION_NAMES['mla']}: each position stores one {latent}-value latent `c = W_down x` shared by K "
-            f"and V (`K = W_uk c`, `V = W_uv c`), seeded by a truncated SVD of the stacked trained `[W_k; W_v]`"
+            f"{ATTENTION_NAMES['mla']}: each position stores {_latent_size(spec, config)} `c = W_down x` shared by "
+            f"K and V (`K = W_uk c`, `V = W_uv c`), {seeding}"
         )
     if kind == "gqa":
-        return (
-            f"{ATTENTION_NAMES['gqa']} with {spec.get('kv_heads')} key/value heads, each seeded by the mean of "
-            "the trained K/V heads of its group"
+        seeding = (
+            _calibrated_gqa_text(config)
+            if init == "calibrated"
+            else "each seeded by the mean of the trained K/V heads of its group (mean-pool, no calibration)"
         )
+        return f"{ATTENTION_NAMES['gqa']} with {spec.get('kv_heads')} key/value heads: {seeding}"
     if kind == "linear":
-        phi = "elu(x)+1" if spec.get("feature_map", "elu") == "elu" else str(spec.get("feature_map"))
+        feature_map = spec.get("feature_map", "elu")
+        if feature_map == "hedgehog":
+            phi = "a learnable (Hedgehog) map, fitted to the softmax attention on calibration audio"
+        else:
+            phi = "φ(x) = elu(x)+1" if feature_map == "elu" else f"φ = {feature_map}"
         return (
-            f"{ATTENTION_NAMES['linear']} with feature map φ(x) = {phi}: no per-position K/V state, a fixed "
-            "d×(d+1) running sum per head; the trained projections are kept"
+            f"{ATTENTION_NAMES['linear']} with feature map {phi}: no per-position K/V state, a fixed "
+            "running sum per head; the trained projections are kept"
         )
     return f"attention spec `{spec}`"
+
+
+def calibration_datasets(report: dict | None) -> list[str]:
+    """Hub datasets the calibration utterances came from, recognised by their ids."""
+    ids = [*((report or {}).get("calibration_ids") or []), *((report or {}).get("held_out_ids") or [])]
+    found = []
+    for pattern, dataset in ID_DATASETS:
+        if any(pattern.match(str(utterance)) for utterance in ids):
+            found.append(dataset)
+    return found
+
+
+def _source_text(source: str) -> str:
+    if source == "hub":
+        return f"LibriSpeech dev-clean streamed from the Hub ([{HUB_DATASET}](https://huggingface.co/datasets/{HUB_DATASET}))"
+    name = Path(str(source)).name or str(source)
+    return f"a local folder `{name}`"
+
+
+def _calibration_lines(report: dict) -> list[str]:
+    """What the calibration data was: sources and utterance counts (from ``conversion_report.json``)."""
+    fit = [str(utterance) for utterance in report.get("calibration_ids") or []]
+    held_out = [str(utterance) for utterance in report.get("held_out_ids") or []]
+    if not fit and not held_out:
+        if report.get("calibration_batches"):
+            return [f"- **Calibration**: K/V errors also measured on {report['calibration_batches']} batches of audio."]
+        return []
+    counts = []
+    everything = fit + held_out
+    for pattern, dataset in ID_DATASETS:
+        matched = sum(1 for utterance in everything if pattern.match(utterance))
+        if matched:
+            counts.append(f"{matched} {DATASET_NAMES[dataset]}")
+    known = sum(1 for utterance in everything if any(pattern.match(utterance) for pattern, _ in ID_DATASETS))
+    if len(everything) > known:
+        counts.append(f"{len(everything) - known} other")
+    sources = ", ".join(_source_text(source) for source in report.get("calibration_sources") or []) or "unrecorded"
+    decoder = (
+        "teacher-forced on the reference transcripts"
+        if report.get("calibration_text")
+        else "the model's own greedy transcripts (label-free)"
+    )
+    return [
+        f"- **Calibration data**: {len(everything)} utterances ({', '.join(counts)}) from {sources}: {len(fit)} "
+        f"fitted the conversion, {len(held_out)} were held out for the activation errors below; decoder "
+        f"inputs were {decoder}. None of them is a test utterance (checked by id)."
+    ]
 
 
 def _layer_rows(inputs: CardInputs) -> list[dict]:
@@ -238,7 +349,10 @@ def _layer_rows(inputs: CardInputs) -> list[dict]:
     return rows
 
 
-def _fmt_error(value) -> str:
+def _fmt_error(value, defined: bool = True) -> str:
+    """``n/a`` where a K/V error is not defined (linear attention keeps the trained K/V), ``-`` if unmeasured."""
+    if not defined:
+        return "n/a"
     return "-" if value is None else f"{float(value):.4f}"
 
 
@@ -262,6 +376,8 @@ def _kv_section(inputs: CardInputs, rows: list[dict]) -> list[str]:
     totals = report.get("totals") or {}
     dtype = report.get("dtype") or inputs.config.get("dtype") or inputs.config.get("torch_dtype") or "float32"
     lines = ["## K/V-state size", ""]
+    if not totals:
+        totals = _totals_from_config(inputs.config)
     if not totals:
         lines += ["Not recorded (no `conversion_report.json` beside the weights).", ""]
         return lines
@@ -293,6 +409,29 @@ def _kv_section(inputs: CardInputs, rows: list[dict]) -> list[str]:
     return lines
 
 
+def _totals_from_config(config: dict) -> dict:
+    """Without a conversion report: the K/V-state totals of the converted layers (float32) by the
+    evaluator's own per-variant formula, :func:`mla_convert.evaluate.attention_report`."""
+    layers = conversion(config).get("layers") or {}
+    hidden = int(config.get("d_model") or config.get("hidden_size") or 0)
+    if not layers or not hidden:
+        return {}
+    from types import SimpleNamespace
+
+    from .evaluate import attention_report
+
+    report = attention_report(SimpleNamespace(**config))
+    if report.get("kv_state_bytes_per_frame") is None:
+        return {}
+    before = 2 * hidden * 4 * len(layers)  # unconverted: K and V, hidden values each
+    unconverted = int(report["kv_state_bytes_per_frame_mha"]) - before
+    return {
+        "converted_layers": len(layers),
+        "state_bytes_per_frame_before": before,
+        "state_bytes_per_frame_after": int(report["kv_state_bytes_per_frame"]) - unconverted,
+    }
+
+
 def _conversion_section(inputs: CardInputs, rows: list[dict]) -> list[str]:
     info = conversion(inputs.config)
     spec = info.get("spec") or (inputs.report or {}).get("spec") or {}
@@ -307,10 +446,7 @@ def _conversion_section(inputs: CardInputs, rows: list[dict]) -> list[str]:
         f"- **Layers**: {len(rows)} converted ({', '.join(_roles(rows, host))}); everything else is the base model's.",
         f"- **Converted with**: `{info.get('toolkit', 'mla_convert')}`, weights in {report.get('dtype', 'float32')}.",
     ]
-    if report.get("calibration_batches"):
-        lines.append(
-            f"- **Calibration**: K/V errors also measured on {report['calibration_batches']} batches of audio."
-        )
+    lines += _calibration_lines(report)
     for note in dict.fromkeys([*(info.get("approximations") or []), *(report.get("approximations") or [])]):
         lines.append(f"- **Approximation**: {note}")
     with_weights = any("k_weight_error" in row for row in rows)
@@ -330,15 +466,19 @@ def _conversion_section(inputs: CardInputs, rows: list[dict]) -> list[str]:
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * 3 + "---:|" * (len(header) - 3))
         for row in rows:
+            defined = row.get("attention") not in NO_KV_ERROR
             cells = [
                 f"`{row.get('path')}`",
                 str(row.get("role", "")),
                 str(row.get("attention", "")),
-                _fmt_error(row.get("k_weight_error")),
-                _fmt_error(row.get("v_weight_error")),
+                _fmt_error(row.get("k_weight_error"), defined),
+                _fmt_error(row.get("v_weight_error"), defined),
             ]
             if with_activations:
-                cells += [_fmt_error(row.get("k_activation_error")), _fmt_error(row.get("v_activation_error"))]
+                cells += [
+                    _fmt_error(row.get("k_activation_error"), defined),
+                    _fmt_error(row.get("v_activation_error"), defined),
+                ]
             cells += [
                 str(row.get("state_bytes_per_frame_before", "-")),
                 str(row.get("state_bytes_per_frame_after", "-")),
@@ -423,15 +563,43 @@ def _training_section(training: dict | None) -> list[str]:
     return lines + [""]
 
 
+def tested_transformers_range() -> str | None:
+    """The ``transformers`` requirement of the installed mla_convert (e.g. ``<6,>=5.0``), read from its
+    package metadata when the card is written; ``None`` if mla_convert is not installed as a package."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    try:
+        requirements = importlib.metadata.requires("mla_convert") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for text in requirements:
+        try:
+            requirement = Requirement(text)
+        except InvalidRequirement:
+            continue
+        if requirement.name.lower() == "transformers" and requirement.marker is None:
+            bounds = sorted((str(bound) for bound in requirement.specifier), key=lambda bound: bound[0] != ">")
+            return ",".join(bounds) or None
+    return None
+
+
+def _transformers_text(config: dict) -> str:
+    version = config.get("transformers_version")
+    saved = f", saved with {version}" if version else ""
+    tested = tested_transformers_range()
+    if tested:
+        return f"Plain `transformers` (tested with `transformers{tested}`{saved})"
+    major = str(version).split(".")[0] if version else "5"
+    return f"Plain `transformers` (>= {major}.0{saved})"
+
+
 def _usage_section(inputs: CardInputs) -> list[str]:
     auto = auto_class(inputs.config)
     repo = inputs.repo_id
-    version = inputs.config.get("transformers_version")
-    major = str(version).split(".")[0] if version else "5"
     lines = [
         "## How to load",
         "",
-        f"Plain `transformers` (>= {major}.0{f', saved with {version}' if version else ''}); "
+        f"{_transformers_text(inputs.config)}; "
         "mla_convert is not needed. "
         "The converted attention is remote code in this repository "
         f"({', '.join(f'`{name}`' for name in inputs.files if name.endswith('.py'))}), so loading needs "
@@ -468,15 +636,20 @@ def _usage_section(inputs: CardInputs) -> list[str]:
 def _license_section(base: BaseModelInfo) -> list[str]:
     lines = ["## License", ""]
     if base.license and base.license != "other":
-        where = "its model card" if base.license_origin == "card" else "the converter's `--license`"
-        lines.append(f"Inherited from the base model {base.display}: `{base.license}` (from {where}).")
+        if base.license_origin == "card":
+            where = "from its model card"
+        elif base.license_origin == "known":
+            where = base.license_note or "as released"
+        else:
+            where = "given with the converter's `--license`: the base model's card could not be read here"
+        lines.append(f"Inherited from the base model {base.display}: `{base.license}` ({where}).")
     elif base.license == "other" and base.license_name:
         link = f" ({base.license_link})" if base.license_link else ""
         lines.append(f"Inherited from the base model {base.display}: `{base.license_name}`{link}.")
     else:
         lines.append(
-            f"This model inherits the licence of its base model {base.display}, which was not recorded here: "
-            "read the base model's card before using or redistributing it."
+            f"This model inherits the licence of its base model {base.display}, whose card could not be read "
+            "here (and no `--license` was given): read the base model's card before using or redistributing it."
         )
     return lines + [""]
 

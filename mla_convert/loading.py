@@ -7,15 +7,14 @@ reached, the user gets one line at once instead of minutes of retries.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 import transformers
 from transformers import AutoConfig, PreTrainedModel
 
 from .errors import ModelNotFoundError, UnsupportedModelError
 from .hosts import ADAPTERS
+from .hub import hub_offline, hub_reachable  # noqa: F401  (re-exported: data and evaluate use them from here)
 
 
 def load(path: str | os.PathLike, **kwargs) -> PreTrainedModel:
@@ -27,23 +26,6 @@ def load(path: str | os.PathLike, **kwargs) -> PreTrainedModel:
             if cls.__name__ in names:
                 return cls.from_pretrained(str(path), **kwargs)
     raise UnsupportedModelError(f"{path} is not a model converted by mla_convert (architectures: {names})")
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """One TCP connect to the configured Hub endpoint; no retries."""
-    from huggingface_hub import constants
-
-    parsed = urlparse(constants.ENDPOINT)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _looks_like_path(model_id: str) -> bool:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+# Variants whose K/V projections are kept as trained: a K/V error against them is not defined (0 by
+# construction), and the table says so instead of showing 0.0000.
+NO_KV_ERROR = {"linear"}
+
 
 @dataclass
 class LayerReport:
@@ -77,9 +81,15 @@ class ConversionReport:
         header += ["bytes/frame before", "after"]
         rows = [header]
         for layer in self.layers:
-            row = [layer.path, layer.attention, f"{layer.k_weight_error:.4f}", f"{layer.v_weight_error:.4f}"]
+            defined = layer.attention not in NO_KV_ERROR
+            row = [
+                layer.path,
+                layer.attention,
+                _fmt(layer.k_weight_error, defined),
+                _fmt(layer.v_weight_error, defined),
+            ]
             if with_activations:
-                row += [_fmt(layer.k_activation_error), _fmt(layer.v_activation_error)]
+                row += [_fmt(layer.k_activation_error, defined), _fmt(layer.v_activation_error, defined)]
             row += [str(layer.state_bytes_per_frame_before), str(layer.state_bytes_per_frame_after)]
             rows.append(row)
         total = ["total", "", "", ""] + (["", ""] if with_activations else [])
@@ -93,6 +103,8 @@ class ConversionReport:
             f"({100 * self.state_ratio:.1f}% of the original), {self.seconds:.1f} s"
         )
         notes = [f"note: {text}" for text in self.approximations]
+        if any(layer.attention in NO_KV_ERROR for layer in self.layers):
+            notes.append("note: K/V errors are n/a for linear attention: it keeps the trained K/V projections")
         search = self.budget_search
         if search and "chosen" in search:
             compared = ", ".join(
@@ -108,5 +120,8 @@ class ConversionReport:
         return "\n".join([*lines, summary, *notes])
 
 
-def _fmt(value: float | None) -> str:
+def _fmt(value: float | None, defined: bool = True) -> str:
+    """A K/V error cell: ``n/a`` where the error is not defined, ``-`` where it was not measured."""
+    if not defined:
+        return "n/a"
     return "-" if value is None else f"{value:.4f}"

@@ -7,6 +7,7 @@ is applied to, and ``layer_dict`` is the plain dict stored per layer in the conv
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
@@ -17,6 +18,38 @@ MLA_OBJECTIVES = ("kv", "attention")
 BUDGET_ALLOCATIONS = ("measured", "spectral")
 GQA_INITS = ("mean-pool", "calibrated")
 FEATURE_MAPS = ("elu", "relu", "hedgehog")
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def _check_types(spec: object, kinds: dict[str, str]) -> None:
+    """Raise :class:`SpecError` for the first field whose value is not of its kind.
+
+    Kinds: ``int`` (an integer, never a bool), ``int?`` (or None), ``real`` (an int or float, never a
+    bool), ``real?``, ``bool`` and ``str``. ``True`` is an int to Python, but ``latent_dim=True`` is a
+    mistake, not a latent of one value.
+    """
+    for name, kind in kinds.items():
+        value = getattr(spec, name)
+        if kind.endswith("?"):
+            if value is None:
+                continue
+            kind = kind[:-1]
+        if kind == "int":
+            ok, wanted = isinstance(value, numbers.Integral) and not isinstance(value, bool), "an integer"
+        elif kind == "real":
+            ok, wanted = isinstance(value, numbers.Real) and not isinstance(value, bool), "a number"
+        elif kind == "bool":
+            ok, wanted = isinstance(value, bool), "True or False"
+        else:
+            ok, wanted = isinstance(value, str), "a string"
+        if not ok:
+            optional = " (or None)" if kinds[name].endswith("?") else ""
+            raise SpecError(
+                f"{type(spec).__name__}.{name} must be {wanted}{optional}, got {value!r} ({_type_name(value)})"
+            )
 
 
 class _InitCalibration:
@@ -64,6 +97,20 @@ class MLASpec(_InitCalibration):
     objective: str = "attention"
     budget_allocation: str = "measured"
     attention: ClassVar[str] = "mla"
+
+    def __post_init__(self) -> None:
+        _check_types(
+            self,
+            {
+                "latent_dim": "int?",
+                "init": "str",
+                "cache_budget": "real?",
+                "balance_kv": "bool",
+                "damping": "real",
+                "objective": "str",
+                "budget_allocation": "str",
+            },
+        )
 
     @property
     def latent_layout(self) -> str:
@@ -124,6 +171,9 @@ class GQASpec(_InitCalibration):
     init: str = "mean-pool"
     attention: ClassVar[str] = "gqa"
 
+    def __post_init__(self) -> None:
+        _check_types(self, {"kv_heads": "int", "init": "str"})
+
     def validate(self, hidden_size: int, num_heads: int) -> None:
         if self.init not in GQA_INITS:
             raise SpecError(f"unknown GQA init {self.init!r}; choose one of {', '.join(GQA_INITS)}")
@@ -146,6 +196,11 @@ class LinearSpec:
     init: str = "copy"
     transfer_steps: int = 300
     attention: ClassVar[str] = "linear"
+
+    def __post_init__(self) -> None:
+        _check_types(self, {"feature_map": "str", "init": "str", "transfer_steps": "int"})
+        if self.transfer_steps < 1:
+            raise SpecError(f"LinearSpec.transfer_steps must be at least 1, got {self.transfer_steps}")
 
     @property
     def needs_calibration(self) -> bool:
@@ -183,4 +238,9 @@ def spec_from_dict(data: dict) -> AttentionSpec:
     if kind not in SPEC_CLASSES:
         raise SpecError(f"unknown attention kind {kind!r}; choose one of {', '.join(SPEC_CLASSES)}")
     data.pop("latent_layout", None)
-    return SPEC_CLASSES[kind](**data)
+    cls = SPEC_CLASSES[kind]
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SpecError(f"unknown {kind} spec field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**data)

@@ -75,7 +75,7 @@ def _is_converted(path: str) -> bool:
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
-    return str(json.loads(config.read_text()).get("model_type", "")).startswith("mla_convert_")
+    return bool(json.loads(config.read_text()).get("attention_conversion"))
 
 
 def warm_imports(kind: str) -> None:

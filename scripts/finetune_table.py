@@ -63,7 +63,9 @@ def main() -> None:
         f"{summary['gradient_accumulation']}, --freeze {summary['freeze']} ({summary['trainable_parameters']:,} "
         f"trainable parameters), distillation weight {summary['distill_weight']}; {summary['precision']} on "
         f"{summary['device']}, {summary['train_seconds']} s. Training loss {first.get('loss', float('nan')):.3f} at "
-        f"step {first.get('step')} -> {last.get('loss', float('nan')):.3f} at step {last.get('step')}. Model "
+        f"step {first.get('step')} -> {last.get('loss', float('nan')):.3f} at step {last.get('step')}"
+        + (f", {summary['train_loss']:.3f} on average over all steps" if summary.get("train_loss") is not None else "")
+        + ". Model "
         f"selection by dev WER: best {100 * (summary.get('best_dev_wer') or 0):.2f}% at "
         f"{summary.get('best_checkpoint')}"
         f"{' (early stopping)' if summary.get('stopped_early') else ''}. "

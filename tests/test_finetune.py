@@ -22,6 +22,8 @@ from mla_convert.finetune import (
     finetune,
     label_text,
     last_complete_checkpoint,
+    mean_training_loss,
+    parse_test_splits,
 )
 from mla_convert.specs import MLASpec
 
@@ -129,8 +131,10 @@ finetune(FinetuneConfig(**{config}), callbacks=[KillAfterSave()])
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(ctc_pair, tmp_path):
     student, teacher = ctc_pair
-    straight = finetune(ctc_config(student, tmp_path / "straight", teacher=str(teacher), save_total_limit=None))
-    config = ctc_config(student, tmp_path / "killed", teacher=str(teacher), save_total_limit=None)
+    # logs at steps 1 and 4 only: steps 5-6 reach the mean training loss through Trainer's train_loss
+    settings = dict(teacher=str(teacher), save_total_limit=None, logging_steps=4)
+    straight = finetune(ctc_config(student, tmp_path / "straight", **settings))
+    config = ctc_config(student, tmp_path / "killed", **settings)
     script = KILL_AFTER_SAVE.format(step=4, config=repr(config.to_dict()))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     killed = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, timeout=600)
@@ -142,6 +146,9 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(ctc_pair, tmp_path):
     resumed = finetune(config)
     assert resumed["steps"] == straight["steps"] == 6
     assert resumed["samples_seen"] == straight["samples_seen"] == 12
+    # the mean loss of the resumed run covers all 6 steps, not only the 2 trained after the resume
+    assert resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-5)
+    assert [e["step"] for e in resumed["losses"]] == [e["step"] for e in straight["losses"]] == [1, 4]
     from safetensors.torch import load_file
 
     a = load_file(tmp_path / "straight" / "model.safetensors")
@@ -149,6 +156,40 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(ctc_pair, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_mean_training_loss_weighs_each_log_by_its_steps_and_adds_the_unlogged_tail():
+    history = [{"step": 1, "loss": 4.0}, {"step": 4, "loss": 2.0}, {"step": 4, "eval_wer": 0.5},
+               {"step": 6, "train_loss": 9.9}]  # fmt: skip
+    # steps 1 | 2-4 | 5-6: Trainer's train_loss of an uninterrupted run is the mean of all 6 (here 2.5)
+    assert mean_training_loss(history, 6, 0, 2.5) == pytest.approx(2.5)
+    # resumed from checkpoint-4 with steps 5-6 at 1.0 (what Trainer reports as train_loss then)
+    assert mean_training_loss(history, 6, 4, 1.0) == pytest.approx((4.0 + 3 * 2.0 + 2 * 1.0) / 6)
+    # resumed from checkpoint-4 and logged at 5 and 6: the logs are enough
+    resumed = [*history[:2], {"step": 5, "loss": 1.0}, {"step": 6, "loss": 3.0}]
+    assert mean_training_loss(resumed, 6, 4, 2.0) == pytest.approx((4.0 + 3 * 2.0 + 1.0 + 3.0) / 6)
+    assert mean_training_loss([], 0) is None
+
+
+def test_test_splits_none_skips_the_final_evaluation(ctc_pair, tmp_path, capsys):
+    student, _ = ctc_pair
+    assert parse_test_splits(["none"]) == parse_test_splits(["None"]) == parse_test_splits([]) == []
+    assert parse_test_splits(["test-clean"]) == ["test-clean"]
+    with pytest.raises(mla_convert.MlaConvertError, match="give it alone"):
+        parse_test_splits(["none", "test-clean"])
+    output = tmp_path / "run"
+    args = ["finetune", str(student), "--data", str(DEV_CLEAN), "--max-seconds", "4.0", "--max-steps", "1",
+            "--batch-size", "2", "--grad-accum", "1", "--warmup-steps", "0", "--eval-data", "none",
+            "--test-splits", "none", "--output", str(output), "--quiet"]  # fmt: skip
+    assert cli.main([*args[:2], "--check-data", *args[2:]]) == 0
+    checked = capsys.readouterr().out
+    assert checked.startswith("data ok:") and "no final evaluation" in checked and not output.exists()
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "mean training loss" in printed
+    summary = json.loads((output / "finetune_summary.json").read_text())
+    assert summary["wer"] == {} and summary["steps"] == 1 and summary["train_loss"] > 0
+    assert not (output / "evaluation.json").exists()
 
 
 def test_a_diverging_learning_rate_stops_with_one_line_and_keeps_the_last_good_checkpoint(ctc_pair, tmp_path, capsys):
@@ -187,6 +228,12 @@ def test_bad_input_is_one_line(ctc_pair, tmp_path, capsys):
         ([*base, "--data", str(DEV_CLEAN), "--output", str(student)], "pass --resume"),
         ([*base, "--data", str(DEV_CLEAN), "--resume", "--output", str(tmp_path / "d")], "does not exist"),
         ([*base, "--data", str(DEV_CLEAN), "--lr", "0", "--output", str(tmp_path / "e")], "--lr must be a positive"),
+        ([*base[:-1], "--test-splits", "test-cleen", "--data", str(DEV_CLEAN), "--output", str(tmp_path / "g")],
+         "unknown split 'test-cleen'"),
+        ([*base[:-1], "--test-splits", "test-clean", "--data", str(DEV_CLEAN), "--test-data", str(tmp_path),
+          "--output", str(tmp_path / "h")], "no test-clean folder under"),
+        ([*base, "--data", str(LIBRISPEECH), "--check-data", "--output", str(tmp_path / "i")],
+         "no train-clean-100 folder under"),
     ]  # fmt: skip
     for args, message in cases:
         assert cli.main(args) == 2, args
@@ -316,6 +363,7 @@ def test_recipe_script_converts_fine_tunes_evaluates_and_writes_the_table(ctc_pa
     }  # fmt: skip
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(recipe))
+    (tmp_path / "empty").mkdir()
     script = Path(__file__).resolve().parents[1] / "run_mla_finetuning.sh"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SHARED_DATA": str(SHARED_DATA)}
     done = subprocess.run(["bash", str(script), str(config)], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -324,5 +372,10 @@ def test_recipe_script_converts_fine_tunes_evaluates_and_writes_the_table(ctc_pa
     table = (tmp_path / "results" / f"finetune-tiny-{teacher.name}.md").read_text()
     assert "| original: original (MHA) |" in table and "| converted+FT: converted + fine-tuned |" in table
     assert (tmp_path / "runs" / f"tiny-{teacher.name}" / "finetuned" / "finetune_summary.json").is_file()
+    # a recipe whose training split is missing fails before converting anything
+    quick = subprocess.run(["bash", str(script), "quick"], cwd=tmp_path / "empty", capture_output=True, text=True,
+                           env={**env, "LIBRISPEECH_ROOT": str(LIBRISPEECH)}, timeout=300)  # fmt: skip
+    assert quick.returncode == 2 and "no train-clean-100 folder under" in quick.stderr, quick.stderr[-2000:]
+    assert not (tmp_path / "empty" / "runs").exists()
     again = subprocess.run(["bash", str(script), "nonsense"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert again.returncode == 2 and "no recipe" in again.stderr

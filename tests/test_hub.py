@@ -334,11 +334,11 @@ class HubCalls:
 @pytest.fixture
 def online(monkeypatch):
     """Not offline, a token in HF_TOKEN, and the Hub 'reachable' (the one TCP connect is mocked)."""
-    import mla_convert.loading
+    import mla_convert.hub
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.setattr(mla_convert.loading, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(mla_convert.hub, "hub_reachable", lambda timeout=1.5: True)
 
 
 def test_push_uploads_exactly_the_dry_run_folder(conformer, conformer_upload, eval_json, online, monkeypatch, capsys):
@@ -534,10 +534,11 @@ def test_bad_input_is_one_line(conformer, eval_json, tmp_path, capsys):
 
 def test_bundled_base_model_rows_are_labelled(whisper, tmp_path, monkeypatch):
     from mla_convert.card import BaseModelInfo
+    from mla_convert.ct2 import bundled_target
     from mla_convert.hub import evaluation_info, resolve_base_model
 
     monkeypatch.setenv("MLA_CONVERT_CACHE", str(tmp_path))
-    imported = tmp_path / "whisper-tiny.en"
+    imported = bundled_target("bundled:whisper-tiny.en")  # where `bundled:` is imported (named by its weights)
     imported.mkdir()
     config = json.loads((whisper / "config.json").read_text())
     base = resolve_base_model("bundled:whisper-tiny.en", config, None)
@@ -552,7 +553,7 @@ def test_bundled_base_model_rows_are_labelled(whisper, tmp_path, monkeypatch):
     }
     info = evaluation_info(payload, whisper, config, base, "bundled:whisper-tiny.en")
     assert [row["wer"] for row in info.own_rows] == [0.2]
-    assert [label for label, _ in info.other_rows] == ["base model (whisper-tiny.en)"]
+    assert [label for label, _ in info.other_rows] == [f"base model ({imported.name})"]
     assert BaseModelInfo(label="x").display == "`x`"
 
 
@@ -608,3 +609,224 @@ def test_hub_refusal_is_one_line_and_cleans_up(conformer, online, monkeypatch, c
     assert code == 2 and len(err.strip().splitlines()) == 1 and "rejected the token (401)" in err, err
     assert staged and not staged[0].exists()
     assert _snapshot(converted.parent) == before
+
+
+# ------------------------------------------------------------------------------- integrity before upload
+
+
+def _broken_copy(conformer, tmp_path, name: str) -> Path:
+    import shutil
+
+    _, converted = conformer
+    broken = tmp_path / name
+    shutil.copytree(converted, broken)
+    return broken
+
+
+@pytest.mark.parametrize("mode", ["dry-run", "push"])
+def test_a_truncated_safetensors_file_is_refused(conformer, tmp_path, monkeypatch, capsys, mode):
+    broken = _broken_copy(conformer, tmp_path, "truncated")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    hub = HubCalls(monkeypatch)
+    if mode == "push":
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    argv = ["push", str(broken), "--repo-id", REPO] + (["--dry-run", str(tmp_path / "up")] if mode == "dry-run" else [])
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{weights} is damaged: its header describes" in err and "nothing was uploaded" in err
+    assert not hub.calls and not (tmp_path / "up").exists()
+
+
+def test_a_sharded_index_needs_every_shard_and_every_shard_must_be_whole(conformer, tmp_path, capsys):
+    broken = _broken_copy(conformer, tmp_path, "sharded")
+    (broken / "model.safetensors").rename(broken / "model-00001-of-00002.safetensors")
+    index = {
+        "metadata": {},
+        "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"},
+    }
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    code = main(["push", str(broken), "--repo-id", REPO, "--dry-run", str(tmp_path / "up")])
+    err = capsys.readouterr().err
+    assert code == 2 and "lacks weight shards listed in model.safetensors.index.json: model-00002-of-00002" in err
+    (broken / "model-00002-of-00002.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    code = main(["push", str(broken), "--repo-id", REPO, "--dry-run", str(tmp_path / "up")])
+    err = capsys.readouterr().err
+    assert code == 2 and "model-00002-of-00002.safetensors is damaged" in err, err
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("import mla_convert\n", "(attention_mla.py): ImportError: No module named 'mla_convert'"),
+        ("def broken(:\n", "(attention_mla.py)"),
+    ],
+    ids=["needs-mla-convert", "syntax-error"],
+)
+def test_remote_code_that_does_not_import_without_mla_convert_is_refused(conformer, tmp_path, capsys, edit, message):
+    broken = _broken_copy(conformer, tmp_path, "bad-code")
+    with (broken / "attention_mla.py").open("a") as handle:
+        handle.write(edit)
+    code = main(["push", str(broken), "--repo-id", REPO, "--dry-run", str(tmp_path / "up")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "the remote code fails to import in a fresh Python without mla_convert" in err and message in err, err
+    assert not (tmp_path / "up").exists()
+
+
+def test_offline_push_refuses_without_importing_torch_or_transformers(conformer, tmp_path):
+    """The instant refusals (offline, no token, bad repo id) come before any heavy import: well under a second
+    of work instead of the ~10 s torch + transformers take to import."""
+    import os
+    import subprocess
+    import sys
+
+    _, converted = conformer
+    script = (
+        "import sys, time\n"
+        "start = time.perf_counter()\n"
+        "from mla_convert.cli import main\n"
+        f"code = main(['push', {str(converted)!r}, '--repo-id', sys.argv[1]])\n"
+        "print(code, 'torch' in sys.modules, 'transformers' in sys.modules, time.perf_counter() - start)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for repo_id, message in ((REPO, "HF_HUB_OFFLINE is set"), ("no-namespace", "USER/NAME")):
+        result = subprocess.run([sys.executable, "-c", script, repo_id], env=env, capture_output=True, text=True)
+        code, torch_loaded, transformers_loaded, seconds = result.stdout.split()
+        assert (code, torch_loaded, transformers_loaded) == ("2", "False", "False"), result.stderr
+        assert message in result.stderr and float(seconds) < 5.0
+
+
+# ----------------------------------------------------------------------------------- card content
+
+
+def _card(spec: dict, report: dict | None = None, *, config_extra: dict | None = None, base=None) -> str:
+    from mla_convert.card import BaseModelInfo, CardInputs, render_card
+
+    layers = {f"decoder.layers.{i}.self_attn": {**spec, "latent_dim": spec.get("latent_dim")} for i in range(2)}
+    config = {
+        "model_type": "whisper",
+        "d_model": 64,
+        "encoder_layers": 2,
+        "decoder_layers": 2,
+        "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4,
+        "auto_map": {"AutoModelForSpeechSeq2Seq": "modeling_converted_whisper.X"},
+        "attention_conversion": {"spec": spec, "layers": layers, "toolkit": "mla_convert 0.1.0"},
+        **(config_extra or {}),
+    }
+    return render_card(
+        CardInputs(repo_id="a/b", config=config, report=report, files=["config.json"], base=base or BaseModelInfo())
+    )
+
+
+def test_the_bundled_whisper_card_says_english_and_mit(whisper, tmp_path):
+    out = tmp_path / "up"
+    push_to_hub(whisper, "someone/whisper-gqa2", base_model="bundled:whisper-tiny.en", dry_run=out)
+    text = (out / "README.md").read_text()
+    meta = parse_front_matter(text)
+    assert meta["language"] == ["en"] and meta["license"] == "mit"
+    assert "`mit` (OpenAI released the Whisper code and weights under the MIT licence)" in text
+
+
+def test_language_comes_from_the_base_models_card(conformer, conformer_upload):
+    out, _ = conformer_upload  # its base model's card says `language: en`
+    assert parse_front_matter((out / "README.md").read_text())["language"] == ["en"]
+
+
+def test_a_license_given_because_the_base_card_is_unreadable_says_so(whisper, tmp_path):
+    out = tmp_path / "up"
+    push_to_hub(whisper, "someone/w", base_model="openai/whisper-tiny", license="mit", dry_run=out)
+    text = (out / "README.md").read_text()
+    assert "`mit` (given with the converter's `--license`: the base model's card could not be read here)" in text
+
+
+def test_the_card_names_the_calibration_data_and_counts():
+    report = {
+        "model_type": "whisper",
+        "dtype": "float32",
+        "calibration_sources": ["hub", "/home/someone/data/LJSpeech-sample"],
+        "calibration_ids": ["1272-128104-0000", "1272-128104-0001", "LJ001-0001"],
+        "held_out_ids": ["1272-128104-0002"],
+        "calibration_text": False,
+        "layers": [],
+    }
+    text = _card({"attention": "mla", "latent_dim": 32, "init": "calibrated"}, report)
+    meta = parse_front_matter(text)
+    assert meta["datasets"] == ["openslr/librispeech_asr", "keithito/lj_speech"]
+    assert "- **Calibration data**: 4 utterances (3 LibriSpeech, 1 LJ Speech) from LibriSpeech dev-clean" in text
+    assert "a local folder `LJSpeech-sample`: 3 fitted the conversion, 1 were held out" in text
+    assert "the model's own greedy transcripts (label-free)" in text
+    assert "/home/someone" not in text
+
+
+@pytest.mark.parametrize(
+    ("spec", "config_extra", "expected", "absent"),
+    [
+        (
+            {"attention": "mla", "latent_dim": 32, "init": "calibrated"},
+            {},
+            "seeded by a whitened (activation-calibrated) SVD of the stacked trained `[W_k; W_v]`",
+            "truncated SVD",
+        ),
+        ({"attention": "mla", "latent_dim": 32, "init": "svd"}, {}, "seeded by a truncated SVD", "whitened"),
+        (
+            {"attention": "gqa", "kv_heads": 2, "init": "calibrated"},
+            {},
+            "each group shares one key and one value subspace fitted on the calibration inputs, and each query "
+            "head and output-projection slice absorbs its own map",
+            "the mean of",
+        ),
+        (
+            {"attention": "gqa", "kv_heads": 2, "init": "calibrated"},
+            {"position_embeddings_type": "rotary"},
+            "merged by weighted least squares on the calibration inputs",
+            "the mean of",
+        ),
+        ({"attention": "gqa", "kv_heads": 2, "init": "mean-pool"}, {}, "the mean of the trained K/V heads", "subspace"),
+    ],
+    ids=["mla-calibrated", "mla-svd", "gqa-calibrated-whisper", "gqa-calibrated-rotary", "gqa-mean-pool"],
+)
+def test_the_card_describes_the_seeding_that_was_used(spec, config_extra, expected, absent):
+    text = _card(spec, config_extra=config_extra)
+    assert expected in text and absent not in text
+    if spec.get("init") == "calibrated" and spec["attention"] == "mla":
+        assert "the attention objective: each key head weighted by the queries that read it" in text
+
+
+def test_the_card_states_the_tested_transformers_range():
+    import importlib.metadata
+
+    (requirement,) = [r for r in importlib.metadata.requires("mla_convert") if r.startswith("transformers")]
+    text = _card({"attention": "mla", "latent_dim": 32, "init": "svd"})
+    assert requirement == "transformers<6,>=5.0"
+    assert "Plain `transformers` (tested with `transformers>=5.0,<6`" in text
+
+
+def test_without_a_report_the_card_sizes_the_state_with_the_evaluators_formula():
+    text = _card({"attention": "mla", "latent_dim": 32, "init": "svd"})
+    # 2 converted decoder layers of d_model 64 in float32: 2 · 2 · 64 · 4 bytes before, 2 · 32 · 4 after
+    assert "| **all converted layers** | 1024 B | 256 B | 25.0% of the original, 4.0× smaller |" in text
+
+
+def test_linear_rows_of_the_card_show_n_a_for_kv_errors():
+    report = {
+        "model_type": "whisper",
+        "dtype": "float32",
+        "layers": [
+            {
+                "path": "decoder.layers.0.self_attn",
+                "role": "decoder",
+                "attention": "linear",
+                "k_weight_error": 0.0,
+                "v_weight_error": 0.0,
+                "state_bytes_per_frame_before": 512,
+                "state_bytes_per_frame_after": 0,
+            }
+        ],
+        "totals": {"converted_layers": 1, "state_bytes_per_frame_before": 512, "state_bytes_per_frame_after": 0},
+    }
+    text = _card({"attention": "linear", "feature_map": "elu"}, report)
+    assert "| `decoder.layers.0.self_attn` | decoder | linear | n/a | n/a | 512 | 0 |" in text

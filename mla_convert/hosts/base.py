@@ -148,7 +148,15 @@ class HostAdapter(ABC):
         model.__class__ = converted_class
 
     def register_auto_classes(self) -> None:
-        """Let ``AutoModel*.from_pretrained`` find converted models when mla_convert is imported."""
-        transformers.AutoConfig.register(self.converted_config.model_type, self.converted_config, exist_ok=True)
+        """Let ``AutoModel*.from_pretrained`` find converted models when mla_convert is imported.
+
+        A converted config that keeps its host's ``model_type`` (Whisper: pipelines dispatch on it)
+        must not take that name over for every model of the host: it is found through ``auto_map``
+        (``trust_remote_code=True``) or :func:`mla_convert.load` instead.
+        """
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if self.converted_config.model_type not in CONFIG_MAPPING_NAMES:
+            transformers.AutoConfig.register(self.converted_config.model_type, self.converted_config, exist_ok=True)
         for converted, auto in self.modeling.CONVERTED_CLASSES.values():
             getattr(transformers, auto).register(self.converted_config, converted, exist_ok=True)

@@ -40,7 +40,7 @@ class WhisperAdapter(HostAdapter):
             for index in range(self.layer_count(model.config, role)):
                 path = template.format(index)
                 module = base.get_submodule(path)
-                if isinstance(module, WhisperAttention):
+                if isinstance(module, WhisperAttention) and not isinstance(module, modeling.ConvertedWhisperAttention):
                     found.append(AttentionSite(path, module, index, role))
         return found
 

@@ -156,18 +156,24 @@ class LinearAttention(ConvertedAttention):
             denominator = denominator + torch.einsum("bhtf,bhf->bht", query, previous_k)
             key_value_sum, key_sum = key_value_sum + previous_kv, key_sum + previous_k
         running_summary.store(key_value_sum, key_sum, length)
-        output = (numerator / (denominator.unsqueeze(-1) + self.eps)).transpose(1, 2)
-        return self.out_proj(output.reshape(*hidden_states.shape[:-1], -1)), None
+        normaliser = denominator.unsqueeze(-1) + self.eps
+        output = (numerator / normaliser).transpose(1, 2)
+        # the weights of earlier tokens are folded into the sums: only a first chunk has them all
+        weights = scores / normaliser if kwargs.get("output_attentions") and not past else None
+        return self.out_proj(output.reshape(*hidden_states.shape[:-1], -1)), weights
 
     def attend(self, query, state, attention_mask, position_embeddings, rotary, **kwargs):
         key, value = state
         query, key = self._featurised(query, key)
         if self.is_causal:
-            return torch.matmul(self._masked_weights(query, key, attention_mask), value).transpose(1, 2), None
+            weights = self._masked_weights(query, key, attention_mask)
+            return torch.matmul(weights, value).transpose(1, 2), weights
         summary, key_sum = self._sums(self._drop_padded_keys(key, attention_mask), value)
         normaliser = torch.einsum("bhtf,bhf->bht", query, key_sum).unsqueeze(-1)
         output = torch.matmul(query, summary) / (normaliser + self.eps)
-        return output.transpose(1, 2), None
+        # the T x T weights are never formed on this path; only when asked for
+        weights = self._masked_weights(query, key, attention_mask) if kwargs.get("output_attentions") else None
+        return output.transpose(1, 2), weights
 
     def _featurised(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(φ(q), φ(k))``; relative models add the content bias only (see the module docstring)."""

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import WhisperForConditionalGeneration, WhisperModel
 from transformers.cache_utils import EncoderDecoderCache
+from transformers.models.whisper.modeling_whisper import WhisperAttention
 
 from .attention_base import AttentionGeometry, ConvertedAttention
 from .attention_build import build_attention
@@ -48,17 +49,27 @@ def unpack_state(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor
     return (keys,) if values.shape[-1] == 0 else (keys, values)
 
 
-class ConvertedWhisperAttention(nn.Module):
-    """Drop-in for ``WhisperAttention``: cache plumbing here, attention math in the variant."""
+class ConvertedWhisperAttention(WhisperAttention):
+    """Drop-in for ``WhisperAttention``: cache plumbing here, attention math in the variant.
+
+    It subclasses ``WhisperAttention`` (without its projections) so that everything transformers
+    finds by class keeps finding it: ``output_attentions`` recording, attention-implementation
+    checks. The cache arrives as ``cache=`` (transformers >= 5.24) or ``past_key_values=`` (earlier
+    releases); both are accepted.
+    """
 
     def __init__(self, config, layer_spec: dict, path: str) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
+        self.config = config
         role = role_of(path)
+        geometry = whisper_geometry(config, role)
         self.layer_idx = int(path.split(".")[2])
         self.is_cross_attention = role == "cross"
+        self.embed_dim, self.num_heads, self.head_dim = geometry.hidden_size, geometry.num_heads, geometry.head_dim
+        self.is_decoder, self.is_causal = role != "encoder", role == "decoder"
         self.attention: ConvertedAttention = build_attention(
             layer_spec,
-            whisper_geometry(config, role),
+            geometry,
             "none",
             config,
             is_causal=role == "decoder",
@@ -69,17 +80,25 @@ class ConvertedWhisperAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         key_value_states: torch.Tensor | None = None,
-        past_key_values=None,
+        cache=None,
         attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
+        past_key_values=None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cache, reuse = past_key_values, False
+        cache = cache if cache is not None else past_key_values
+        reuse = False
         if isinstance(self.attention, LinearAttention) and self.attention.is_causal and cache is not None:
             if isinstance(cache, EncoderDecoderCache):
                 cache = cache.self_attention_cache
             summary = running_summary_layer(cache, self.layer_idx)  # O(1) state, not per-token K/V
-            return self.attention(hidden_states, attention_mask=attention_mask, running_summary=summary, **kwargs)
+            return self.attention(
+                hidden_states,
+                attention_mask=attention_mask,
+                running_summary=summary,
+                output_attentions=output_attentions,
+                **kwargs,
+            )
         if isinstance(cache, EncoderDecoderCache):
             if key_value_states is not None:
                 reuse = bool(cache.is_updated.get(self.layer_idx))
@@ -102,6 +121,7 @@ class ConvertedWhisperAttention(nn.Module):
             key_value_states=key_value_states,
             state=state,
             state_update=state_update,
+            output_attentions=output_attentions,
             **kwargs,
         )
 

@@ -17,14 +17,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import DataError, decode_audio, iter_folder_index, librispeech
+from .data import (
+    EVALUATION_SPLITS,
+    HELD_OUT_EVERY,
+    DataError,
+    evaluation_split_in,
+    hold_out,
+    is_librispeech_root,
+    iter_decoded,
+    shared_ids,
+)
 from .errors import MlaConvertError
 from .hosts import AttentionSite, HostAdapter
 from .hosts.base import SiteInputs
-
-HELD_OUT_EVERY = 5
-# The LibriSpeech subsets models are scored on: never calibration data.
-EVALUATION_SPLITS = ("test-clean", "test-other")
 
 
 class CalibrationError(MlaConvertError):
@@ -35,12 +40,11 @@ class EvaluationSplitCalibrationError(CalibrationError):
     """A calibration source that is (or holds) a LibriSpeech test split, the data models are scored on."""
 
 
-def _evaluation_split_in(path: Path) -> str | None:
-    return next((part for part in path.parts if part in EVALUATION_SPLITS), None)
+CALIBRATION_SPLIT = "dev-clean"  # what ``hub`` and a LibriSpeech root contribute
 
 
 def _refuse_evaluation_split(source: str, path: Path) -> None:
-    split = _evaluation_split_in(path.resolve())
+    split = evaluation_split_in(path.resolve())
     if split is not None:
         raise EvaluationSplitCalibrationError(
             f"--calibration {source}: LibriSpeech {split} is an evaluation split; calibrate on dev-clean "
@@ -48,43 +52,33 @@ def _refuse_evaluation_split(source: str, path: Path) -> None:
         )
 
 
-def _calibration_folder(source: str) -> Path:
-    """The folder a calibration source reads: a LibriSpeech root's dev-clean, else the folder itself."""
-    folder = Path(source).expanduser()
-    if not folder.is_dir():
-        raise CalibrationError(f"calibration folder not found: {source}")
-    for candidate in (folder / "dev-clean", folder / "LibriSpeech" / "dev-clean"):
-        if candidate.is_dir():
-            return candidate
-    return folder
-
-
 def check_calibration_sources(sources: Sequence[str]) -> None:
     """Cheap checks of calibration sources before any model is loaded: each folder exists, and none
     is a LibriSpeech test split (test-clean, test-other) or a folder of one. A one-line
     :class:`CalibrationError` otherwise. (Utterances found below a root are checked again as read.)"""
     for source in sources:
-        if source != "hub":
-            _refuse_evaluation_split(source, _calibration_folder(source))
-
-
-def _corpus_rows(source: str, folder: Path, sampling_rate: int) -> Iterable[dict]:
-    try:
-        for row in iter_folder_index(folder):
-            _refuse_evaluation_split(source, Path(row["audio"]["path"]))
-            yield {**row, "audio": decode_audio(row["audio"], sampling_rate), "source": str(folder)}
-    except DataError as error:
-        raise CalibrationError(str(error)) from None
+        if source == "hub":
+            continue
+        folder = Path(source).expanduser()
+        if not folder.is_dir():
+            raise CalibrationError(f"calibration folder not found: {source}")
+        _refuse_evaluation_split(source, folder)
+        if is_librispeech_root(folder) and not is_librispeech_root(folder, CALIBRATION_SPLIT):
+            # a root is read by subset: without dev-clean, say which test split it offers instead
+            for split in EVALUATION_SPLITS:
+                if is_librispeech_root(folder, split):
+                    _refuse_evaluation_split(source, folder / split)
 
 
 def _source_rows(source: str, sampling_rate: int) -> Iterable[dict]:
-    if source == "hub":
-        for row in librispeech("dev-clean", "hub", sampling_rate):
-            yield {**row, "source": "hub:dev-clean"}
-        return
-    folder = _calibration_folder(source)
-    _refuse_evaluation_split(source, folder)
-    yield from _corpus_rows(source, folder, sampling_rate)
+    """Decoded utterances of one source (a root's dev-clean), each checked not to be test data."""
+    try:
+        for row in iter_decoded(source, CALIBRATION_SPLIT, sampling_rate):
+            if source != "hub":
+                _refuse_evaluation_split(source, Path(row["path"]))
+            yield row
+    except DataError as error:
+        raise CalibrationError(f"calibration data {source}: {error}") from None
 
 
 def calibration_utterances(
@@ -108,7 +102,7 @@ def calibration_utterances(
 
 def check_disjoint(rows: Sequence[dict], evaluation_ids: Iterable[str]) -> None:
     """Refuse calibration data that shares utterance ids with the data a model is evaluated on."""
-    overlap = sorted({row["id"] for row in rows} & set(evaluation_ids))
+    overlap = shared_ids((row["id"] for row in rows), evaluation_ids)
     if overlap:
         raise CalibrationError(
             f"calibration shares {len(overlap)} utterances with the evaluation data, e.g. {overlap[0]}"
@@ -119,9 +113,7 @@ def split_held_out(rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:
     """``(fit, held_out)``: every fifth utterance is held out (all are fitted on if fewer than 5)."""
     if len(rows) < HELD_OUT_EVERY:
         return list(rows), list(rows)
-    held = [row for index, row in enumerate(rows) if index % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
-    fit = [row for index, row in enumerate(rows) if index % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
-    return fit, held
+    return hold_out(rows)
 
 
 @dataclass

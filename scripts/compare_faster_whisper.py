@@ -16,10 +16,10 @@ from pathlib import Path
 import jiwer
 import torch
 
-from mla_convert.ct2 import BUNDLED_WHISPER, resolve_bundled
 from mla_convert.data import librispeech, resolve_source
+from mla_convert.evaluation import whisper_english_normalizer
+from mla_convert.importers.bundled import BUNDLED_WHISPER, resolve_bundled
 from mla_convert.io import atomic_file
-from mla_convert.normalize import whisper_english_normalizer
 
 
 def main() -> None:

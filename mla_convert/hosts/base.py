@@ -12,7 +12,7 @@ import transformers
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..modeling.attention_base import AttentionGeometry, ConvertedAttention
+from ..modeling.attention_base import AttentionGeometry, ConvertedAttention, LayerSpec
 
 
 @dataclass
@@ -97,6 +97,20 @@ class HostAdapter(ABC):
         """How many attention layers of ``role`` a model with this config has."""
 
     @abstractmethod
+    def site_path(self, role: str, index: int) -> str:
+        """Where attention layer ``index`` of ``role`` is, relative to the base model."""
+
+    def attention_layout(self, config) -> dict[str, tuple[str, AttentionGeometry]]:
+        """Every attention module a model with this config has, converted or not:
+        ``path -> (role, geometry)`` (read off the config alone, for K/V-state accounting)."""
+        layout = {}
+        for role in self.roles:
+            hidden, heads = self.geometry(config, role)
+            for index in range(self.layer_count(config, role)):
+                layout[self.site_path(role, index)] = (role, AttentionGeometry(int(hidden), int(heads)))
+        return layout
+
+    @abstractmethod
     def sites(self, model: nn.Module, roles: tuple[str, ...]) -> list[AttentionSite]:
         """The original (not yet converted) attention modules of the given roles."""
 
@@ -104,7 +118,7 @@ class HostAdapter(ABC):
     def read_weights(self, site: AttentionSite, config) -> AttentionWeights: ...
 
     @abstractmethod
-    def build_module(self, config, layer_spec: dict, site: AttentionSite) -> nn.Module:
+    def build_module(self, config, layer_spec: LayerSpec, site: AttentionSite) -> nn.Module:
         """The module that replaces ``site.module`` (it owns a ``ConvertedAttention``)."""
 
     @abstractmethod

@@ -9,6 +9,7 @@ from transformers import Wav2Vec2ConformerConfig
 from transformers.models.wav2vec2_conformer.modeling_wav2vec2_conformer import Wav2Vec2ConformerSelfAttention
 
 from ..modeling import modeling_converted_wav2vec2_conformer as modeling
+from ..modeling.attention_base import LayerSpec
 from ..modeling.configuration_converted_wav2vec2_conformer import ConvertedWav2Vec2ConformerConfig
 from .base import AttentionSite, AttentionWeights, HostAdapter, SiteInputs, linear_bias
 
@@ -29,10 +30,13 @@ class Wav2Vec2ConformerAdapter(HostAdapter):
     def layer_count(self, config, role: str) -> int:
         return config.num_hidden_layers
 
+    def site_path(self, role: str, index: int) -> str:
+        return f"encoder.layers.{index}.self_attn"
+
     def sites(self, model: nn.Module, roles: tuple[str, ...]) -> list[AttentionSite]:
         layers = self.base_model(model).encoder.layers
         return [
-            AttentionSite(f"encoder.layers.{index}.self_attn", layer.self_attn, index, "encoder")
+            AttentionSite(self.site_path("encoder", index), layer.self_attn, index, "encoder")
             for index, layer in enumerate(layers)
             if isinstance(layer.self_attn, Wav2Vec2ConformerSelfAttention)
         ]
@@ -56,7 +60,7 @@ class Wav2Vec2ConformerAdapter(HostAdapter):
             pos_bias_v=module.pos_bias_v.detach() if relative else None,
         )
 
-    def build_module(self, config, layer_spec: dict, site: AttentionSite) -> nn.Module:
+    def build_module(self, config, layer_spec: LayerSpec, site: AttentionSite) -> nn.Module:
         return modeling.ConvertedConformerSelfAttention(config, layer_spec)
 
     def site_inputs(self, site: AttentionSite, args: tuple, kwargs: dict) -> SiteInputs:

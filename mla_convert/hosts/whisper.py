@@ -12,6 +12,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperAttention
 
 from ..modeling import modeling_converted_whisper as modeling
+from ..modeling.attention_base import LayerSpec
 from ..modeling.configuration_converted_whisper import ConvertedWhisperConfig
 from .base import AttentionSite, AttentionWeights, HostAdapter, SiteInputs, linear_bias
 
@@ -32,13 +33,15 @@ class WhisperAdapter(HostAdapter):
     def layer_count(self, config, role: str) -> int:
         return config.encoder_layers if role == "encoder" else config.decoder_layers
 
+    def site_path(self, role: str, index: int) -> str:
+        return modeling.ROLES[role].format(index)
+
     def sites(self, model: nn.Module, roles: tuple[str, ...]) -> list[AttentionSite]:
         base = self.base_model(model)
         found = []
         for role in roles:
-            template = modeling.ROLES[role]
             for index in range(self.layer_count(model.config, role)):
-                path = template.format(index)
+                path = self.site_path(role, index)
                 module = base.get_submodule(path)
                 if isinstance(module, WhisperAttention) and not isinstance(module, modeling.ConvertedWhisperAttention):
                     found.append(AttentionSite(path, module, index, role))
@@ -59,7 +62,7 @@ class WhisperAdapter(HostAdapter):
             o_bias=linear_bias(module.out_proj),
         )
 
-    def build_module(self, config, layer_spec: dict, site: AttentionSite) -> nn.Module:
+    def build_module(self, config, layer_spec: LayerSpec, site: AttentionSite) -> nn.Module:
         return modeling.ConvertedWhisperAttention(config, layer_spec, site.path)
 
     def measurement_batches(self, model: nn.Module, sites: list[AttentionSite], batches: list[dict]) -> list[dict]:

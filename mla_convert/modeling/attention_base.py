@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -41,6 +42,33 @@ class AttentionGeometry:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def mha_state_values(geometry: AttentionGeometry) -> int:
+    """Values per token an unconverted multi-head attention keeps: all its keys and values."""
+    return 2 * geometry.hidden_size
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one converted layer is, as stored per layer in ``config.json``
+    (``attention_conversion.layers``): the variant's name and the fields it is built from.
+
+    Each variant module defines its subclass next to the module class; the remote code rebuilds a
+    layer from this alone. ``init`` records how the layer was seeded (it does not change the module).
+    """
+
+    attention: ClassVar[str] = ""
+
+    def to_dict(self) -> dict:
+        return {"attention": self.attention, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LayerSpec:
+        """The stored dict back (keys this version does not know are ignored: configs written by a
+        newer toolkit still load)."""
+        known = {field.name for field in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
 
 
 def eager_attention(
@@ -92,6 +120,7 @@ class ConvertedAttention(nn.Module, ABC):
     """
 
     variant: str = ""
+    layer_spec_class: ClassVar[type[LayerSpec]] = LayerSpec
 
     def __init__(
         self,
@@ -132,9 +161,32 @@ class ConvertedAttention(nn.Module, ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[B, H_kv, T, d]`` rebuilt from the state."""
 
+    @classmethod
     @abstractmethod
+    def state_values(cls, spec: LayerSpec, geometry: AttentionGeometry) -> int:
+        """How many numbers the state holds per token (per layer): THE cache-size formula, asked
+        for by conversion reports, evaluation JSON and model cards alike."""
+
+    @classmethod
+    def fixed_values(cls, spec: LayerSpec, geometry: AttentionGeometry) -> int:
+        """Numbers held per layer and sequence whatever its length (linear attention's sums); 0 here."""
+        return 0
+
+    @classmethod
+    @abstractmethod
+    def from_spec(cls, spec: LayerSpec, geometry: AttentionGeometry, position_mode: str, config=None, **kwargs):
+        """An empty (unseeded) module of this variant built from its layer spec."""
+
+    @property
+    @abstractmethod
+    def layer_spec(self) -> LayerSpec:
+        """This module's layer spec (what ``config.json`` stores for it)."""
+
     def state_values_per_token(self) -> int:
-        """How many numbers the state holds per token (per layer); the cache-size formula."""
+        return self.state_values(self.layer_spec, self.geometry)
+
+    def fixed_state_values(self) -> int:
+        return self.fixed_values(self.layer_spec, self.geometry)
 
     # -- shared machinery ---------------------------------------------------------------------
     def split_heads(self, states: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:

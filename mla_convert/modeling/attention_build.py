@@ -1,8 +1,9 @@
-"""Builds an attention variant from the plain dict stored in a converted model's config."""
+"""The variant table: a layer spec (or the dict ``config.json`` stores) -> its attention module, and
+the one K/V-state formula for any layer, converted or not."""
 
 from __future__ import annotations
 
-from .attention_base import AttentionGeometry, ConvertedAttention
+from .attention_base import AttentionGeometry, ConvertedAttention, LayerSpec, mha_state_values
 from .attention_gqa import GroupedQueryAttention
 from .attention_linear import LinearAttention
 from .attention_mla import MultiHeadLatentAttention
@@ -14,8 +15,30 @@ VARIANTS: dict[str, type[ConvertedAttention]] = {
 }
 
 
+def variant_class(kind: str) -> type[ConvertedAttention]:
+    if kind not in VARIANTS:
+        raise ValueError(f"unknown attention variant {kind!r}; known: {sorted(VARIANTS)}")
+    return VARIANTS[kind]
+
+
+def layer_spec_from_dict(data: dict | LayerSpec) -> LayerSpec:
+    """A stored per-layer dict (``{"attention": "mla", "latent_dim": 96, ...}``) as its typed spec."""
+    if isinstance(data, LayerSpec):
+        return data
+    return variant_class(data.get("attention")).layer_spec_class.from_dict(data)
+
+
+def state_values(layer: dict | LayerSpec | None, geometry: AttentionGeometry) -> int:
+    """K/V-state values per token of one attention layer: its variant's formula, or multi-head
+    attention's ``2·hidden`` when the layer is not converted (``None``)."""
+    if not layer:
+        return mha_state_values(geometry)
+    spec = layer_spec_from_dict(layer)
+    return variant_class(spec.attention).state_values(spec, geometry)
+
+
 def build_attention(
-    layer_spec: dict,
+    layer_spec: dict | LayerSpec,
     geometry: AttentionGeometry,
     position_mode: str,
     config=None,
@@ -23,8 +46,8 @@ def build_attention(
     is_causal: bool = False,
     dropout: float = 0.0,
 ) -> ConvertedAttention:
-    """An empty (unseeded) attention module of the kind ``layer_spec["attention"]`` names."""
-    kind = layer_spec["attention"]
-    if kind not in VARIANTS:
-        raise ValueError(f"unknown attention variant {kind!r}; known: {sorted(VARIANTS)}")
-    return VARIANTS[kind].from_spec(layer_spec, geometry, position_mode, config, is_causal=is_causal, dropout=dropout)
+    """An empty (unseeded) attention module of the variant the layer spec names."""
+    spec = layer_spec_from_dict(layer_spec)
+    return variant_class(spec.attention).from_spec(
+        spec, geometry, position_mode, config, is_causal=is_causal, dropout=dropout
+    )

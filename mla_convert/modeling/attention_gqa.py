@@ -8,15 +8,27 @@ conversion errors.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from .attention_base import AttentionGeometry, ConvertedAttention
+from .attention_base import AttentionGeometry, ConvertedAttention, LayerSpec
 from .attention_positions import rotate_input
+
+
+@dataclass(frozen=True)
+class GQALayerSpec(LayerSpec):
+    """A GQA layer: ``kv_heads`` key/value heads shared by the query heads."""
+
+    kv_heads: int
+    init: str = "mean-pool"
+    attention = "gqa"
 
 
 class GroupedQueryAttention(ConvertedAttention):
     variant = "gqa"
+    layer_spec_class = GQALayerSpec
 
     def __init__(
         self,
@@ -38,8 +50,16 @@ class GroupedQueryAttention(ConvertedAttention):
         self.v_proj = nn.Linear(geometry.hidden_size, width, bias=geometry.v_bias)
 
     @classmethod
-    def from_spec(cls, spec: dict, geometry: AttentionGeometry, position_mode: str, config=None, **kwargs):
-        return cls(geometry, position_mode, config, kv_heads=int(spec["kv_heads"]), **kwargs)
+    def from_spec(cls, spec: GQALayerSpec, geometry: AttentionGeometry, position_mode: str, config=None, **kwargs):
+        return cls(geometry, position_mode, config, kv_heads=int(spec.kv_heads), **kwargs)
+
+    @property
+    def layer_spec(self) -> GQALayerSpec:
+        return GQALayerSpec(self.kv_heads)
+
+    @classmethod
+    def state_values(cls, spec: GQALayerSpec, geometry: AttentionGeometry) -> int:
+        return 2 * int(spec.kv_heads) * geometry.head_dim  # kv_heads keys and values of head_dim each
 
     def kv_state(self, kv_input: torch.Tensor, rotary: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         key_input = rotate_input(kv_input, rotary, self.num_heads)
@@ -52,6 +72,3 @@ class GroupedQueryAttention(ConvertedAttention):
         self, state: tuple[torch.Tensor, ...], rotary: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return state[0], state[1]
-
-    def state_values_per_token(self) -> int:
-        return 2 * self.kv_heads * self.head_dim

@@ -1,8 +1,8 @@
 """Kernelised linear attention (Katharopoulos et al., 2020) with the trained projections.
 
 ``softmax(q kᵀ) v`` is replaced by ``φ(q) (φ(k)ᵀ v) / (φ(q) · Σ φ(k))``, which costs O(T) instead
-of O(T²) for an encoder: the whole K/V history is summarised by ``Σ φ(k) vᵀ`` (``d × d`` per head)
-and ``Σ φ(k)``, whatever the length.
+of O(T²) for an encoder: the whole K/V history is summarised by ``Σ φ(k) vᵀ`` (``F × d`` per head,
+``F`` the feature width: ``d`` for elu/relu, ``2d`` for hedgehog) and ``Σ φ(k)``, whatever the length.
 
 Approximation (stated in every conversion report): an additive relative-position term
 (Transformer-XL matrices b+d) cannot be carried through a kernel feature map exactly, so it is
@@ -19,11 +19,13 @@ and sequence, whatever the length, and nothing per token.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
-from .attention_base import AttentionGeometry, ConvertedAttention, key_padding_mask
+from .attention_base import AttentionGeometry, ConvertedAttention, LayerSpec, key_padding_mask
 from .attention_positions import rotate_input
 
 FEATURE_MAPS = {
@@ -35,8 +37,23 @@ FEATURE_MAPS = {
 LEARNED_FEATURE_MAPS = ("hedgehog",)
 
 
+@dataclass(frozen=True)
+class LinearLayerSpec(LayerSpec):
+    """A linear-attention layer with feature map ``feature_map`` (elu, relu or the learnable hedgehog)."""
+
+    feature_map: str = "elu"
+    init: str = "copy"
+    attention = "linear"
+
+
+def feature_dim(feature_map: str, head_dim: int) -> int:
+    """F, the width of φ: hedgehog's ``[softmax(xW), softmax(-xW)]`` is twice the head size."""
+    return 2 * head_dim if feature_map in LEARNED_FEATURE_MAPS else head_dim
+
+
 class LinearAttention(ConvertedAttention):
     variant = "linear"
+    layer_spec_class = LinearLayerSpec
 
     def __init__(
         self,
@@ -62,8 +79,20 @@ class LinearAttention(ConvertedAttention):
             self.feature_weight = nn.Parameter(identity)
 
     @classmethod
-    def from_spec(cls, spec: dict, geometry: AttentionGeometry, position_mode: str, config=None, **kwargs):
-        return cls(geometry, position_mode, config, feature_map=spec.get("feature_map", "elu"), **kwargs)
+    def from_spec(cls, spec: LinearLayerSpec, geometry: AttentionGeometry, position_mode: str, config=None, **kwargs):
+        return cls(geometry, position_mode, config, feature_map=spec.feature_map, **kwargs)
+
+    @property
+    def layer_spec(self) -> LinearLayerSpec:
+        return LinearLayerSpec(self.feature_map)
+
+    @classmethod
+    def state_values(cls, spec: LinearLayerSpec, geometry: AttentionGeometry) -> int:
+        return 0  # nothing per token: the history is a fixed F×(d+1) sum per head (module docstring)
+
+    @classmethod
+    def fixed_values(cls, spec: LinearLayerSpec, geometry: AttentionGeometry) -> int:
+        return geometry.num_heads * feature_dim(spec.feature_map, geometry.head_dim) * (geometry.head_dim + 1)
 
     def kv_state(self, kv_input: torch.Tensor, rotary: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         key_input = rotate_input(kv_input, rotary, self.num_heads)
@@ -76,14 +105,7 @@ class LinearAttention(ConvertedAttention):
 
     @property
     def feature_dim(self) -> int:
-        return 2 * self.head_dim if self.feature_map == "hedgehog" else self.head_dim
-
-    def state_values_per_token(self) -> int:
-        # nothing per token: the history is a fixed F×(d+1) sum per head (see the module docstring)
-        return 0
-
-    def fixed_state_values(self) -> int:
-        return self.num_heads * self.feature_dim * (self.head_dim + 1)
+        return feature_dim(self.feature_map, self.head_dim)
 
     def features(self, states: torch.Tensor, is_query: bool) -> torch.Tensor:
         """φ of queries or keys ``[B, H, T, d]``, each scaled by √scaling first (so φ(q)·φ(k) sees

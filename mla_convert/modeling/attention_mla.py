@@ -19,17 +19,30 @@ subspace that matters most to ``[W_k; W_v]``. Values stay ``W_uv c`` as in the o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from .attention_base import AttentionGeometry, ConvertedAttention
+from .attention_base import AttentionGeometry, ConvertedAttention, LayerSpec
 from .attention_positions import rotate_input
 
 LATENT_LAYOUTS = ("joint", "split")
 
 
+@dataclass(frozen=True)
+class MLALayerSpec(LayerSpec):
+    """An MLA layer: ``latent_dim`` values per token, ``joint`` (shared by K and V) or ``split``."""
+
+    latent_dim: int
+    latent_layout: str = "joint"
+    init: str = "svd"
+    attention = "mla"
+
+
 class MultiHeadLatentAttention(ConvertedAttention):
     variant = "mla"
+    layer_spec_class = MLALayerSpec
 
     def __init__(
         self,
@@ -60,15 +73,18 @@ class MultiHeadLatentAttention(ConvertedAttention):
             self.k_up = nn.Linear(part, hidden, bias=geometry.k_bias)
 
     @classmethod
-    def from_spec(cls, spec: dict, geometry: AttentionGeometry, position_mode: str, config=None, **kwargs):
+    def from_spec(cls, spec: MLALayerSpec, geometry: AttentionGeometry, position_mode: str, config=None, **kwargs):
         return cls(
-            geometry,
-            position_mode,
-            config,
-            latent_dim=int(spec["latent_dim"]),
-            latent_layout=spec.get("latent_layout", "joint"),
-            **kwargs,
+            geometry, position_mode, config, latent_dim=int(spec.latent_dim), latent_layout=spec.latent_layout, **kwargs
         )
+
+    @property
+    def layer_spec(self) -> MLALayerSpec:
+        return MLALayerSpec(self.latent_dim, self.latent_layout)
+
+    @classmethod
+    def state_values(cls, spec: MLALayerSpec, geometry: AttentionGeometry) -> int:
+        return int(spec.latent_dim)  # the latent c; keys and values are rebuilt from it
 
     def _key_latent(self, latent: torch.Tensor) -> torch.Tensor:
         return latent if self.latent_layout == "joint" else latent[..., : self.latent_dim // 2]
@@ -89,6 +105,3 @@ class MultiHeadLatentAttention(ConvertedAttention):
             key = self.k_proj(rotate_input(key, rotary, self.num_heads))
         value = self.v_up(self._value_latent(latent))
         return self.split_heads(key), self.split_heads(value)
-
-    def state_values_per_token(self) -> int:
-        return self.latent_dim

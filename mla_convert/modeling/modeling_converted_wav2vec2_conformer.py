@@ -17,7 +17,7 @@ from transformers import (
     Wav2Vec2ConformerModel,
 )
 
-from .attention_base import AttentionGeometry, ConvertedAttention
+from .attention_base import AttentionGeometry, ConvertedAttention, LayerSpec
 from .attention_build import build_attention
 from .configuration_converted_wav2vec2_conformer import ConvertedWav2Vec2ConformerConfig
 
@@ -34,7 +34,7 @@ def conformer_position_mode(config) -> str:
 class ConvertedConformerSelfAttention(nn.Module):
     """Speaks the conformer layer's calling convention and delegates to the variant."""
 
-    def __init__(self, config, layer_spec: dict) -> None:
+    def __init__(self, config, layer_spec: LayerSpec | dict) -> None:
         super().__init__()
         self.attention: ConvertedAttention = build_attention(
             layer_spec,

@@ -16,7 +16,7 @@ from transformers import WhisperForConditionalGeneration, WhisperModel
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.whisper.modeling_whisper import WhisperAttention
 
-from .attention_base import AttentionGeometry, ConvertedAttention
+from .attention_base import AttentionGeometry, ConvertedAttention, LayerSpec
 from .attention_build import build_attention
 from .attention_linear import LinearAttention, running_summary_layer
 from .configuration_converted_whisper import ConvertedWhisperConfig
@@ -58,7 +58,7 @@ class ConvertedWhisperAttention(WhisperAttention):
     releases); both are accepted.
     """
 
-    def __init__(self, config, layer_spec: dict, path: str) -> None:
+    def __init__(self, config, layer_spec: LayerSpec | dict, path: str) -> None:
         nn.Module.__init__(self)
         self.config = config
         role = role_of(path)

@@ -1,15 +1,27 @@
-"""Seeding a freshly built attention variant from the trained weights it replaces."""
+"""Seeding a freshly built attention variant from the trained weights it replaces.
+
+One seeder per spec type, looked up in :data:`SEEDERS` (torchao's handler-table style): a new
+attention variant registers its own with :func:`register_seeder` and nothing else here changes.
+A seeder copies the weights the variant shares with multi-head attention (:func:`copy_shared`) and
+seeds its K/V path; it returns the weights the module reproduces at full rank.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 from torch import nn
 
-from .calibration import SiteStatistics
-from .hosts.base import AttentionWeights
-from .init.grouping import (
+from ..calibration import SiteStatistics
+from ..hosts.base import AttentionWeights
+from ..modeling.attention_base import ConvertedAttention
+from ..modeling.attention_gqa import GroupedQueryAttention
+from ..modeling.attention_linear import LinearAttention
+from ..modeling.attention_mla import MultiHeadLatentAttention
+from ..specs import SPEC_CLASSES, AttentionSpec, GQASpec, LinearSpec, MLASpec
+from .grouping import (
     aligned_merge,
     augmented,
     balanced_groups,
@@ -17,13 +29,23 @@ from .init.grouping import (
     mean_pool_heads,
     weighted_merge,
 )
-from .init.svd import input_subspace, low_rank_factors
-from .init.whitening import balance_factor, whitened_svd, whitening_factor
-from .modeling.attention_base import ConvertedAttention
-from .modeling.attention_gqa import GroupedQueryAttention
-from .modeling.attention_linear import LinearAttention
-from .modeling.attention_mla import MultiHeadLatentAttention
-from .specs import AttentionSpec
+from .svd import input_subspace, low_rank_factors
+from .whitening import balance_factor, whitened_svd, whitening_factor
+
+Seeder = Callable[
+    [ConvertedAttention, AttentionWeights, "AttentionSpec | None", "SiteStatistics | None"], AttentionWeights
+]
+SEEDERS: dict[type, Seeder] = {}
+
+
+def register_seeder(spec_type: type) -> Callable[[Seeder], Seeder]:
+    """Register the seeder of the layers a ``spec_type`` spec builds."""
+
+    def register(seeder: Seeder) -> Seeder:
+        SEEDERS[spec_type] = seeder
+        return seeder
+
+    return register
 
 
 def _assign(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -42,39 +64,85 @@ def seed_attention(
     spec: AttentionSpec | None = None,
     statistics: SiteStatistics | None = None,
 ) -> AttentionWeights:
-    """Copy the shared query/output/position weights, then seed the variant's K/V path.
+    """Seed ``attention`` from the trained ``weights`` by the seeder of ``spec``'s type (without a
+    spec: the uncalibrated seeder of the module's variant).
 
-    Calibrated inits (``spec.init == "calibrated"``) need the site's input ``statistics``. Returns
+    Calibrated inits (``spec.needs_calibration``) need the site's input ``statistics``. Returns
     the weights the module now reproduces at full rank: the input ``weights``, with the heads
     renumbered when a calibrated GQA regrouped them (errors must be measured against those).
     """
     if spec is not None and spec.needs_calibration and statistics is None:
         raise ValueError("a calibrated init needs calibration statistics")
-    if isinstance(attention, GroupedQueryAttention) and spec is not None and spec.needs_calibration:
-        weights = _seed_calibrated_groups(attention, weights, statistics)
+    spec_type = type(spec) if spec is not None else SPEC_CLASSES.get(attention.variant)
+    if spec_type not in SEEDERS:
+        raise TypeError(f"no seeder registered for {getattr(spec_type, '__name__', spec_type)}")
+    return SEEDERS[spec_type](attention, weights, spec, statistics)
+
+
+def copy_shared(attention: ConvertedAttention, weights: AttentionWeights) -> None:
+    """The query, output and position weights every variant keeps from multi-head attention."""
     _assign(attention.q_proj, weights.q_weight, weights.q_bias)
     _assign(attention.out_proj, weights.o_weight, weights.o_bias)
     if attention.position_mode == "relative":
         attention.pos_proj.weight.copy_(weights.pos_weight)
         attention.pos_bias_u.copy_(weights.pos_bias_u)
         attention.pos_bias_v.copy_(weights.pos_bias_v)
-    if isinstance(attention, MultiHeadLatentAttention):
-        if spec is not None and spec.needs_calibration:
-            _seed_calibrated_latent(attention, weights, statistics, spec)
-        else:
-            _seed_latent(attention, weights)
-    elif isinstance(attention, GroupedQueryAttention):
-        if spec is None or not spec.needs_calibration:  # calibrated: merged by _seed_calibrated_groups
-            heads, kv_heads = attention.num_heads, attention.kv_heads
-            _assign(attention.k_proj, *mean_pool_heads(weights.k_weight, weights.k_bias, heads, kv_heads))
-            _assign(attention.v_proj, *mean_pool_heads(weights.v_weight, weights.v_bias, heads, kv_heads))
-    elif isinstance(attention, LinearAttention):
-        _assign(attention.k_proj, weights.k_weight, weights.k_bias)
-        _assign(attention.v_proj, weights.v_weight, weights.v_bias)
-        if attention.feature_map == "hedgehog":  # identity start; attention transfer trains it
-            attention.feature_weight.copy_(torch.eye(attention.head_dim).expand_as(attention.feature_weight))
+
+
+def _calibrated(spec: AttentionSpec | None) -> bool:
+    return spec is not None and spec.needs_calibration
+
+
+@register_seeder(MLASpec)
+def seed_mla(
+    attention: MultiHeadLatentAttention,
+    weights: AttentionWeights,
+    spec: MLASpec | None,
+    statistics: SiteStatistics | None,
+) -> AttentionWeights:
+    """Plain: truncated SVD of the trained K/V weights; calibrated: the whitened SVD below."""
+    copy_shared(attention, weights)
+    if _calibrated(spec):
+        _seed_calibrated_latent(attention, weights, statistics, spec)
     else:
-        raise TypeError(f"no seeding rule for {type(attention).__name__}")
+        _seed_latent(attention, weights)
+    return weights
+
+
+@register_seeder(GQASpec)
+def seed_gqa(
+    attention: GroupedQueryAttention,
+    weights: AttentionWeights,
+    spec: GQASpec | None,
+    statistics: SiteStatistics | None,
+) -> AttentionWeights:
+    """Mean-pool: contiguous groups of heads averaged; calibrated: heads regrouped and merged on
+    the calibration inputs (which renumbers them: the returned weights say how)."""
+    if _calibrated(spec):
+        weights = _seed_calibrated_groups(attention, weights, statistics)
+        copy_shared(attention, weights)
+        return weights
+    copy_shared(attention, weights)
+    heads, kv_heads = attention.num_heads, attention.kv_heads
+    _assign(attention.k_proj, *mean_pool_heads(weights.k_weight, weights.k_bias, heads, kv_heads))
+    _assign(attention.v_proj, *mean_pool_heads(weights.v_weight, weights.v_bias, heads, kv_heads))
+    return weights
+
+
+@register_seeder(LinearSpec)
+def seed_linear(
+    attention: LinearAttention,
+    weights: AttentionWeights,
+    spec: LinearSpec | None,
+    statistics: SiteStatistics | None,
+) -> AttentionWeights:
+    """The trained projections copied; a learnable (hedgehog) feature map starts at the identity
+    (attention transfer trains it afterwards, see :mod:`.attention_transfer`)."""
+    copy_shared(attention, weights)
+    _assign(attention.k_proj, weights.k_weight, weights.k_bias)
+    _assign(attention.v_proj, weights.v_weight, weights.v_bias)
+    if attention.feature_map == "hedgehog":
+        attention.feature_weight.copy_(torch.eye(attention.head_dim).expand_as(attention.feature_weight))
     return weights
 
 
@@ -114,7 +182,7 @@ def _seed_latent(attention: MultiHeadLatentAttention, weights: AttentionWeights)
 
 
 def _joint_weight(
-    weights: AttentionWeights, spec, covariance: torch.Tensor | None, statistics: SiteStatistics | None = None
+    weights: AttentionWeights, spec: MLASpec, covariance: torch.Tensor | None, statistics: SiteStatistics | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weighted, plain)``: the stacked ``[W_k; W_v]`` whose whitened spectrum picks the latent,
     and the plain stack the up-projections are read from (``up = [W_k; W_v] S V_r``).
@@ -128,7 +196,7 @@ def _joint_weight(
     plain = torch.cat([weights.k_weight.to(torch.float64), weights.v_weight.to(torch.float64)])
     keys, values = plain[: weights.k_weight.shape[0]], plain[weights.k_weight.shape[0] :]
     attention_aware = (
-        getattr(spec, "objective", "kv") == "attention"
+        spec.objective == "attention"
         and covariance is not None
         and statistics is not None
         and weights.position_mode != "rotary"
@@ -138,7 +206,7 @@ def _joint_weight(
         keys = torch.block_diag(*key_rows) @ keys
         values = torch.block_diag(*value_rows) @ values
     alpha = 1.0
-    if getattr(spec, "balance_kv", False) and covariance is not None:
+    if spec.balance_kv and covariance is not None:
         alpha = balance_factor(keys, values, whitening_factor(covariance, spec.damping))
     return torch.cat([alpha * keys, values]), plain
 
@@ -162,7 +230,7 @@ def _metric_root(metric: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky_ex(metric + jitter * torch.eye(metric.shape[0], dtype=metric.dtype))[0]
 
 
-def latent_spectrum(weights: AttentionWeights, spec, statistics: SiteStatistics | None) -> torch.Tensor:
+def latent_spectrum(weights: AttentionWeights, spec: MLASpec, statistics: SiteStatistics | None) -> torch.Tensor:
     """Singular values a joint latent keeps or drops: of ``W S`` when calibrated, else of ``W``."""
     covariance = statistics.key_value.second_moment if spec.needs_calibration else None
     joint, _ = _joint_weight(weights, spec, covariance, statistics)
@@ -172,7 +240,7 @@ def latent_spectrum(weights: AttentionWeights, spec, statistics: SiteStatistics 
 
 
 def _seed_calibrated_latent(
-    attention: MultiHeadLatentAttention, weights: AttentionWeights, statistics: SiteStatistics, spec
+    attention: MultiHeadLatentAttention, weights: AttentionWeights, statistics: SiteStatistics, spec: MLASpec
 ) -> None:
     """Whitened joint SVD: minimises the K/V error on the calibration inputs, not on the weights.
 

@@ -1,6 +1,6 @@
-"""LibriSpeech as a streaming ``datasets.IterableDataset``: the one audio pipeline of this package.
+"""LibriSpeech: its subsets, a local root in the official layout, and the streaming reader.
 
-Evaluation (and later fine-tuning) read LibriSpeech through :func:`librispeech`, from either source:
+:func:`librispeech` gives a subset as a streaming ``datasets.IterableDataset`` from either source:
 
 * the Hub (``openslr/librispeech_asr``, streamed; nothing is downloaded up front), or
 * an extracted LibriSpeech root in the official tarball layout
@@ -9,25 +9,22 @@ Evaluation (and later fine-tuning) read LibriSpeech through :func:`librispeech`,
   streaming code as Hub runs.
 
 Either way the audio column arrives undecoded (``Audio(decode=False)``: bytes or a path) and is
-decoded by the same ``.map`` with soundfile (FLAC/WAV/OGG; no torchcodec or FFmpeg), downmixed to
-mono and resampled with ``scipy.signal.resample_poly``. Audio with NaN or infinite samples counts
-as unreadable, like a corrupt or missing file. Every row is
+decoded by the same ``.map`` through :func:`~mla_convert.data.audio.decode_audio`. Every row is
 ``{"id", "split", "text", "audio": float32 mono numpy array at sampling_rate, "duration"}``.
+This module is the one place that knows the root's layout (:func:`local_split_dir`,
+:func:`is_librispeech_root`).
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Collection, Iterator
-from math import gcd
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .errors import MlaConvertError
+from ..errors import MlaConvertError
+from .audio import AUDIO_SUFFIXES, AudioDecodeError, decode_audio
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +53,6 @@ CORPUS_SIZES: dict[str, int] = {
     "train-other-500": 148688,
 }
 
-AUDIO_SUFFIXES = (".flac", ".wav", ".ogg")
-
 
 class DataError(MlaConvertError):
     """The requested data cannot be read (unknown split, missing or empty root, unreachable Hub)."""
@@ -65,10 +60,6 @@ class DataError(MlaConvertError):
 
 class UnknownSplitError(DataError, ValueError):
     """A split name that is not one of the LibriSpeech subsets."""
-
-
-class AudioDecodeError(Exception):
-    """One audio file could not be decoded; the pipeline skips it and counts it."""
 
 
 def check_split(split: str) -> str:
@@ -95,7 +86,7 @@ def resolve_source(source: str | os.PathLike | None = None, *, check_hub: bool =
         source = os.environ.get(ENV_ROOT) or "hub"
     if str(source) == "hub":
         if check_hub:
-            from .loading import hub_offline, hub_reachable
+            from ..loading import hub_offline, hub_reachable
 
             if hub_offline():
                 raise _hub_unreachable_error("HF_HUB_OFFLINE is set")
@@ -131,6 +122,15 @@ def local_split_dir(root: str | os.PathLike, split: str) -> Path:
     )
 
 
+def is_librispeech_root(path: str | os.PathLike, split: str | None = None) -> bool:
+    """Whether ``path`` is a LibriSpeech root: it holds ``split`` (``<root>/<split>`` or
+    ``<root>/LibriSpeech/<split>``), or, with ``split=None``, any subset folder. A root is read by
+    subset, never wholesale (its test sets must not leak into training or calibration)."""
+    path = Path(path).expanduser()
+    names = [split] if split is not None else list(SPLITS)
+    return any((base / name).is_dir() for base in (path, path / "LibriSpeech") for name in names)
+
+
 def _audio_file(chapter_dir: Path, utterance_id: str) -> Path:
     for suffix in AUDIO_SUFFIXES:
         candidate = chapter_dir / f"{utterance_id}{suffix}"
@@ -155,43 +155,6 @@ def iter_local_index(root: str | os.PathLike, split: str) -> Iterator[dict[str, 
                 "text": text.strip(),
                 "audio": {"path": str(path), "bytes": None},
             }
-
-
-def find_audio(folder: Path, utterance_id: str) -> Path | None:
-    candidates = (folder / f"{utterance_id}{suffix}" for suffix in AUDIO_SUFFIXES)
-    return next((path for path in candidates if path.exists()), None)
-
-
-def transcript_lines(folder: str | os.PathLike) -> Iterator[tuple[Path, str, str]]:
-    """``(audio folder, id, text)`` from LibriSpeech ``*.trans.txt`` files (space-separated) or
-    ``transcripts.tsv`` files beside the audio (tab-separated), anywhere below ``folder``."""
-    folder = Path(folder)
-    transcripts = sorted(folder.rglob("*.trans.txt")) + sorted(folder.rglob("transcripts.tsv"))
-    if not transcripts:
-        raise DataError(f"no *.trans.txt or transcripts.tsv under {folder}")
-    for transcript in transcripts:
-        separator = "\t" if transcript.suffix == ".tsv" else " "
-        for line in transcript.read_text(encoding="utf-8").splitlines():
-            utterance_id, _, text = line.strip().partition(separator)
-            if utterance_id:
-                yield transcript.parent, utterance_id, text.strip()
-
-
-def iter_folder_index(folder: str | os.PathLike, *, transcribed: bool = True) -> Iterator[dict[str, Any]]:
-    """Index rows (audio undecoded) of any folder of speech: transcribed utterances below it, or
-    with ``transcribed=False`` and no transcript file, every audio file below it with empty text."""
-    folder = Path(folder)
-    has_transcripts = any(folder.rglob("*.trans.txt")) or any(folder.rglob("transcripts.tsv"))
-    if not transcribed and not has_transcripts:
-        for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES):
-            yield {"id": path.stem, "text": "", "audio": {"path": str(path), "bytes": None}}
-        return
-    for audio_folder, utterance_id, text in transcript_lines(folder):
-        path = find_audio(audio_folder, utterance_id)
-        if path is None:
-            logger.warning("no audio file for %s in %s", utterance_id, audio_folder)
-            continue
-        yield {"id": utterance_id, "text": text, "audio": {"path": str(path), "bytes": None}}
 
 
 def check_local_split(root: str | os.PathLike, split: str) -> int:
@@ -219,50 +182,6 @@ def count_utterances(split: str, source: str | Path) -> int | None:
     if str(source) == "hub":
         return CORPUS_SIZES.get(split)
     return sum(1 for _ in iter_local_index(source, split))
-
-
-def to_mono(array: np.ndarray) -> np.ndarray:
-    """Average the channels of a ``(frames, channels)`` array (soundfile's layout)."""
-    return array.mean(axis=1) if array.ndim == 2 else array
-
-
-def resample(array: np.ndarray, rate: int, target: int) -> np.ndarray:
-    if rate == target:
-        return array
-    divisor = gcd(int(rate), int(target))
-    from scipy.signal import resample_poly
-
-    return resample_poly(array, target // divisor, rate // divisor).astype(np.float32, copy=False)
-
-
-def decode_audio(audio: dict[str, Any] | str | os.PathLike, sampling_rate: int = 16000) -> np.ndarray:
-    """Decode an undecoded ``Audio`` value (bytes or path) to float32 mono at ``sampling_rate``."""
-    import soundfile
-
-    if isinstance(audio, (str, os.PathLike)):
-        audio = {"path": str(audio), "bytes": None}
-    raw, path = audio.get("bytes"), audio.get("path")
-    if raw is None and path and not Path(path).exists():
-        raise AudioDecodeError("file not found")
-    try:
-        if raw is not None:
-            array, rate = soundfile.read(io.BytesIO(raw), dtype="float32", always_2d=False)
-        elif path:
-            array, rate = soundfile.read(path, dtype="float32", always_2d=False)
-        else:
-            raise AudioDecodeError("no audio bytes or path")
-    except AudioDecodeError:
-        raise
-    except Exception as error:  # soundfile raises LibsndfileError, RuntimeError, OSError...
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise AudioDecodeError(reason) from error
-    array = to_mono(np.asarray(array, dtype=np.float32))
-    if array.size == 0:
-        raise AudioDecodeError("no samples")
-    if not np.isfinite(array).all():  # would score as silence (all deletions) or poison a batch
-        bad = int(np.count_nonzero(~np.isfinite(array)))
-        raise AudioDecodeError(f"{bad} NaN or infinite samples of {array.size}")
-    return np.ascontiguousarray(resample(array, int(rate), int(sampling_rate)), dtype=np.float32)
 
 
 def _decode_row(row: dict[str, Any], split: str, sampling_rate: int) -> dict[str, Any]:

@@ -1,0 +1,57 @@
+"""K/V-state accounting of a model from its config: attention spec and K/V-state bytes per frame,
+per role. Where the attention is comes from the host adapter, how big each layer's state is from
+its variant's formula (:func:`mla_convert.modeling.attention_build.state_values`): nothing here
+knows a host's layer paths or a variant's size."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UnsupportedModelError
+from ..hosts import adapter_for_config
+from ..modeling.attention_base import AttentionGeometry
+from ..modeling.attention_build import state_values
+
+
+def _attention_layout(config, converted: dict) -> dict[str, tuple[str, AttentionGeometry]]:
+    """Every attention module: path -> (role, geometry); from the host adapter, plus any converted
+    layer it does not list (counted on its own, with the config's overall geometry)."""
+    try:
+        layout = adapter_for_config(config).attention_layout(config)
+    except UnsupportedModelError:
+        layout = {}
+    for path in converted:
+        if path not in layout:
+            hidden = int(getattr(config, "d_model", None) or getattr(config, "hidden_size", 0))
+            heads = int(getattr(config, "num_attention_heads", None) or getattr(config, "decoder_attention_heads", 1))
+            layout[path] = (path.split(".", 1)[0], AttentionGeometry(hidden, heads))
+    return layout
+
+
+def attention_report(config, dtype: torch.dtype = torch.float32) -> dict:
+    """Attention spec and K/V-state bytes per frame of a converted model; nulls for any other model.
+
+    Per layer the variant's state formula (MLA ``latent_dim``, GQA ``2·kv_heads·head_dim``, linear
+    0: its state is a fixed per-head sum) or multi-head attention's ``2·hidden`` for an unconverted
+    layer; times the dtype's bytes, summed over layers (and per role: for Whisper, encoder frames
+    and decoder tokens are different positions).
+    """
+    conversion = getattr(config, "attention_conversion", None)
+    if not isinstance(conversion, dict) or not conversion:
+        return {"attention": None, "kv_state_bytes_per_frame": None}
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    converted = conversion.get("layers") or {}
+    total = mha = 0
+    by_role: dict[str, int] = {}
+    for path, (role, geometry) in _attention_layout(config, converted).items():
+        values = state_values(converted.get(path), geometry)
+        total += values * itemsize
+        mha += state_values(None, geometry) * itemsize
+        by_role[role] = by_role.get(role, 0) + values * itemsize
+    return {
+        "attention": conversion.get("spec"),
+        "converted_layers": len(converted),
+        "kv_state_bytes_per_frame": total,
+        "kv_state_bytes_per_frame_mha": mha,
+        "kv_state_bytes_per_frame_by_role": by_role,
+    }

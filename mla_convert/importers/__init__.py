@@ -1,0 +1,1 @@
+"""Importers: checkpoints in other formats (CTranslate2, ...) written as Hugging Face models."""

@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from .data.holdout import EVALUATION_SPLITS
 from .errors import MlaConvertError
 from .specs import GQASpec, LinearSpec, MLASpec
 
@@ -357,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="WER/CER of speech recognition models on LibriSpeech")
     evaluate.add_argument("models", nargs="+", metavar="MODEL", help="Hub ids, local directories or bundled: ids")
-    evaluate.add_argument("--split", nargs="+", default=["test-clean", "test-other"], help="LibriSpeech subsets")
+    evaluate.add_argument("--split", nargs="+", default=list(EVALUATION_SPLITS), help="LibriSpeech subsets")
     evaluate.add_argument("--data", help="hub, or an extracted LibriSpeech root (default: $LIBRISPEECH_ROOT, else hub)")
     evaluate.add_argument("--batch-size", type=int, default=16, help="utterances per batch (default 16)")
     evaluate.add_argument("--limit", type=int, help="only the first N utterances of each split")
@@ -459,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument(
         "--test-splits",
         nargs="*",
-        default=["test-clean", "test-other"],
+        default=list(EVALUATION_SPLITS),
         help="LibriSpeech subsets of the final evaluation (default test-clean test-other; none: skip it)",
     )
     ft.add_argument("--test-limit", type=int, help="only the first N utterances of each test split")

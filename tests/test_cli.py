@@ -64,11 +64,22 @@ def test_existing_output_needs_overwrite(saved_conformer, tmp_path, capsys):
         ),
     ],
 )
-def test_bad_specs_fail_in_one_line_and_write_nothing(saved_conformer, tmp_path, extra, message):
-    result = run_cli("convert", str(saved_conformer), *extra, "--output", str(tmp_path / "out"))
+def test_bad_specs_fail_in_one_line_and_write_nothing(saved_conformer, tmp_path, capsys, extra, message):
+    # in-process; the entry point in a fresh process is the next test
+    code = cli.main(["convert", str(saved_conformer), *extra, "--output", str(tmp_path / "out")])
+    stderr = capsys.readouterr().err
+    assert code == 2
+    assert stderr.strip().count("\n") == 0 and message in stderr, stderr
+    assert "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_entry_point_reports_a_bad_spec_in_one_line_in_a_fresh_process(saved_conformer, tmp_path):
+    result = run_cli(
+        "convert", str(saved_conformer), "--attention", "gqa", "--kv-heads", "3", "--output", str(tmp_path / "o")
+    )
     assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and message in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "kv_heads must divide" in result.stderr, result.stderr
     assert list(tmp_path.iterdir()) == []
 
 

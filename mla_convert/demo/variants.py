@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..data.holdout import EVALUATION_SPLITS
 from ..errors import MlaConvertError
 from ..specs import AttentionSpec, GQASpec, LinearSpec, MLASpec, spec_to_dict
 
@@ -14,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_LATENT_DIMS = (384, 192, 96, 48)
 QUICK_LATENT_DIMS = (96,)
-DEFAULT_SPLITS = ("test-clean", "test-other")
+DEFAULT_SPLITS = EVALUATION_SPLITS
 QUICK_SPLITS = ("test-clean",)
 QUICK_LIMIT = 20
 DEFAULT_KV_HEADS = 3

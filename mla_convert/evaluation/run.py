@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import (
+    EVALUATION_SPLITS,
     check_local_split,
     check_split,
     count_utterances,
@@ -42,7 +43,7 @@ from .scoring import hf_evaluate_wer, totals
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 16
-DEFAULT_SPLITS = ("test-clean", "test-other")
+DEFAULT_SPLITS = EVALUATION_SPLITS  # what a model is scored on unless told otherwise
 BUFFER_BATCHES = 8
 
 

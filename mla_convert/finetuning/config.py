@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data import check_split
+from ..data import EVALUATION_SPLITS, check_split
 from ..errors import MlaConvertError
 
 FREEZE_CHOICES = ("feature-encoder", "non-attention", "none")
@@ -62,7 +62,7 @@ class FinetuneConfig:
     device: str = "auto"
     seed: int = 42
     test_data: str | None = None
-    test_splits: list[str] = field(default_factory=lambda: ["test-clean", "test-other"])
+    test_splits: list[str] = field(default_factory=lambda: list(EVALUATION_SPLITS))
     test_limit: int | None = None
     resume: bool = False
     progress: bool = True

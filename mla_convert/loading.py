@@ -14,7 +14,7 @@ from transformers import AutoConfig, PreTrainedModel
 
 from .errors import ModelNotFoundError, UnsupportedModelError
 from .hosts import ADAPTERS
-from .hub.access import hub_offline, hub_reachable  # noqa: F401  (re-exported: data and evaluate use them from here)
+from .hub.access import hub_offline, hub_reachable
 
 
 def load(path: str | os.PathLike, **kwargs) -> PreTrainedModel:

@@ -204,11 +204,11 @@ def test_without_data_the_default_is_librispeech_root_then_the_hub(tmp_path, mon
 
 
 def test_an_unreachable_hub_is_not_retried(monkeypatch):
-    from mla_convert import loading
+    from mla_convert.hub import access
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("LIBRISPEECH_ROOT", raising=False)
-    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(access, "hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(DataError, match="--data PATH.*LIBRISPEECH_ROOT"):
         librispeech("test-other")
 
@@ -227,7 +227,7 @@ def test_the_hub_source_streams_openslr_with_undecoded_audio_and_the_same_decode
     import pyarrow.parquet as pq
     from datasets import Audio, Features, Value
 
-    from mla_convert import loading
+    from mla_convert.hub import access
 
     names = [f"3-4-{index:04d}" for index in range(2)]
     audio = [_flac_bytes(sine(1.0, 16000), 16000), _flac_bytes(sine(1.0, 8000), 8000)]
@@ -261,8 +261,8 @@ def test_the_hub_source_streams_openslr_with_undecoded_audio_and_the_same_decode
         return real_load_dataset("parquet", data_files=file, split="train", streaming=True, features=features)
 
     monkeypatch.setattr(datasets, "load_dataset", hub_stand_in)
-    monkeypatch.setattr(loading, "hub_offline", lambda: False)
-    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(access, "hub_offline", lambda: False)
+    monkeypatch.setattr(access, "hub_reachable", lambda timeout=3.0: True)
     result = list(librispeech("dev-other", "hub"))
     assert calls == [("openslr/librispeech_asr", "other", "validation", True)]
     assert [row["id"] for row in result] == names

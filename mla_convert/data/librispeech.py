@@ -86,7 +86,7 @@ def resolve_source(source: str | os.PathLike | None = None, *, check_hub: bool =
         source = os.environ.get(ENV_ROOT) or "hub"
     if str(source) == "hub":
         if check_hub:
-            from ..loading import hub_offline, hub_reachable
+            from ..hub.access import hub_offline, hub_reachable
 
             if hub_offline():
                 raise _hub_unreachable_error("HF_HUB_OFFLINE is set")

@@ -259,7 +259,7 @@ def asr_kind(config, model_id: str) -> str:
 
 def _from_pretrained(loader, source: str, model_id: str, what: str, **kwargs):
     """Cache or local files first; the Hub only when it is allowed and reachable."""
-    from ..loading import hub_offline, hub_reachable
+    from ..hub.access import hub_offline, hub_reachable
 
     local = Path(source).expanduser().exists()
     source = str(Path(source).expanduser()) if local else source

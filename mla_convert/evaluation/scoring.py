@@ -102,7 +102,7 @@ def hf_evaluate_wer(references: list[str], hypotheses: list[str]) -> float | Non
     if _HF_WER is False or not references:
         return None
     if _HF_WER is None:
-        from ..loading import hub_offline, hub_reachable
+        from ..hub.access import hub_offline, hub_reachable
 
         _HF_WER = False
         if (not hub_offline() and hub_reachable(timeout=2.0)) or _hf_wer_script_cached():

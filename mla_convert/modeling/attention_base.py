@@ -180,7 +180,8 @@ class ConvertedAttention(nn.Module, ABC):
     @property
     @abstractmethod
     def layer_spec(self) -> LayerSpec:
-        """This module's layer spec (what ``config.json`` stores for it)."""
+        """This module's layer spec as far as the module knows it: its shape fields (``init``, how
+        it was seeded, stays at its default; ``config.json`` holds the recorded one)."""
 
     def state_values_per_token(self) -> int:
         return self.state_values(self.layer_spec, self.geometry)

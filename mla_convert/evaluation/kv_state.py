@@ -28,8 +28,23 @@ def _attention_layout(config, converted: dict) -> dict[str, tuple[str, Attention
     return layout
 
 
+def _layer_attention(config) -> tuple[dict, bool]:
+    """``(path -> stored layer dict, whether the config chooses its attention)``: converted layers,
+    or for mla_convert's own model families the attention each layer was built with."""
+    converted = ((getattr(config, "attention_conversion", None) or {}).get("layers")) or {}
+    try:
+        adapter = adapter_for_config(config)
+    except UnsupportedModelError:
+        return converted, False
+    if not adapter.chooses_attention:
+        return converted, False
+    layout = adapter.attention_layout(config)
+    return {path: adapter.layer_attention(config, path) for path in layout}, True
+
+
 def attention_report(config, dtype: torch.dtype = torch.float32) -> dict:
-    """Attention spec and K/V-state bytes per frame of a converted model; nulls for any other model.
+    """Attention spec and K/V-state bytes per frame of a converted model (or of one of mla_convert's
+    own models, whose config chooses its attention); nulls for any other model.
 
     Per layer the variant's state formula (MLA ``latent_dim``, GQA ``2·kv_heads·head_dim``, linear
     0: its state is a fixed per-head sum) or multi-head attention's ``2·hidden`` for an unconverted
@@ -37,20 +52,21 @@ def attention_report(config, dtype: torch.dtype = torch.float32) -> dict:
     and decoder tokens are different positions).
     """
     conversion = getattr(config, "attention_conversion", None)
-    if not isinstance(conversion, dict) or not conversion:
+    layers, chooses = _layer_attention(config)
+    if not chooses and (not isinstance(conversion, dict) or not conversion):
         return {"attention": None, "kv_state_bytes_per_frame": None}
+    conversion = conversion or {}
     itemsize = torch.empty((), dtype=dtype).element_size()
-    converted = conversion.get("layers") or {}
     total = mha = 0
     by_role: dict[str, int] = {}
-    for path, (role, geometry) in _attention_layout(config, converted).items():
-        values = state_values(converted.get(path), geometry)
+    for path, (role, geometry) in _attention_layout(config, layers).items():
+        values = state_values(layers.get(path), geometry)
         total += values * itemsize
         mha += state_values(None, geometry) * itemsize
         by_role[role] = by_role.get(role, 0) + values * itemsize
     return {
-        "attention": conversion.get("spec"),
-        "converted_layers": len(converted),
+        "attention": conversion.get("spec") or (getattr(config, "attention", None) if chooses else None),
+        "converted_layers": len(conversion.get("layers") or {}),
         "kv_state_bytes_per_frame": total,
         "kv_state_bytes_per_frame_mha": mha,
         "kv_state_bytes_per_frame_by_role": by_role,

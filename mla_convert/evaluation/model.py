@@ -310,6 +310,15 @@ def is_converted(config) -> bool:
     return isinstance(conversion, dict) and bool(conversion)
 
 
+def has_own_remote_code(config, loader_name: str) -> bool:
+    """A model whose classes are not part of transformers (mla_convert's Conformer, Branchformer)
+    and whose config names the saved code that defines them (``auto_map``)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    auto_map = getattr(config, "auto_map", None) or {}
+    return loader_name in auto_map and getattr(config, "model_type", None) not in CONFIG_MAPPING_NAMES
+
+
 def _remote_code_reference(config, loader_name: str, model_id: str) -> str:
     """The ``auto_map`` entry (``module.Class``) of a converted model's saved remote code."""
     auto_map = getattr(config, "auto_map", None) or {}
@@ -390,11 +399,11 @@ def load_asr_model(
             f"{model_id} has no complete processor: speech recognition needs a feature extractor and a tokenizer"
         )
     auto_loader = AutoModelForCTC if kind == "ctc" else AutoModelForSpeechSeq2Seq
-    if converted and remote_code:
+    if (converted or has_own_remote_code(config, auto_loader.__name__)) and remote_code:
         reference = _remote_code_reference(config, auto_loader.__name__, model_id)
         loader: Any = _load_remote_code_class(reference, path, model_id)
         classes = f"saved remote code ({_remote_code_file(reference)})"
-    elif converted:
+    elif converted or has_own_remote_code(config, auto_loader.__name__):
         loader, classes = _installed_class(config, model_id), "installed mla_convert"
     else:
         loader, classes = auto_loader, "transformers"

@@ -6,10 +6,12 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import AttentionSite, AttentionWeights, HostAdapter
+from .branchformer import BranchformerAdapter
+from .conformer import ConformerAdapter
 from .wav2vec2_conformer import Wav2Vec2ConformerAdapter
 from .whisper import WhisperAdapter
 
-ADAPTERS: list[HostAdapter] = [Wav2Vec2ConformerAdapter(), WhisperAdapter()]
+ADAPTERS: list[HostAdapter] = [Wav2Vec2ConformerAdapter(), WhisperAdapter(), ConformerAdapter(), BranchformerAdapter()]
 
 for _adapter in ADAPTERS:
     _adapter.register_auto_classes()

@@ -110,6 +110,14 @@ class HostAdapter(ABC):
                 layout[self.site_path(role, index)] = (role, AttentionGeometry(int(hidden), int(heads)))
         return layout
 
+    # whether the config itself chooses each layer's attention (mla_convert's own model families),
+    # so that even an unconverted model has a K/V-state size worth reporting
+    chooses_attention: bool = False
+
+    def layer_attention(self, config, path: str) -> dict | None:
+        """The stored layer dict of the attention at ``path``; ``None`` for multi-head attention."""
+        return ((getattr(config, "attention_conversion", None) or {}).get("layers") or {}).get(path)
+
     @abstractmethod
     def sites(self, model: nn.Module, roles: tuple[str, ...]) -> list[AttentionSite]:
         """The original (not yet converted) attention modules of the given roles."""

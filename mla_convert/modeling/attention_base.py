@@ -101,6 +101,17 @@ def eager_attention(
     return output, weights
 
 
+def with_score_bias(attention_mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
+    """An additive float mask ``[B, H, Tq, Tk]`` holding ``bias`` where the boolean or additive
+    ``attention_mask`` lets a query see a key, and the dtype's minimum where it does not."""
+    if attention_mask is None:
+        return bias
+    mask = attention_mask[..., : bias.shape[-1]]
+    if mask.dtype == torch.bool:
+        return bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
+    return bias + mask.to(bias.dtype)
+
+
 def key_padding_mask(attention_mask: torch.Tensor | None, key_length: int) -> torch.Tensor | None:
     """``[B, Tk]`` bool (True = real key) from a 4-D boolean or additive attention mask."""
     if attention_mask is None:
@@ -260,6 +271,9 @@ class ConvertedAttention(nn.Module, ABC):
         query, position_bias = self.content_query_and_bias(query, key.shape[2], position_embeddings)
         implementation = getattr(self.config, "_attn_implementation", None) or "eager"
         attention = eager_attention if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+        if position_bias is not None and attention is not eager_attention:
+            # kernels such as SDPA take no score bias: the relative-position term joins the mask
+            attention_mask, position_bias = with_score_bias(attention_mask, position_bias), None
         kwargs.pop("output_attentions", None)
         return attention(
             self,

@@ -6,9 +6,11 @@ from __future__ import annotations
 from .attention_base import AttentionGeometry, ConvertedAttention, LayerSpec, mha_state_values
 from .attention_gqa import GroupedQueryAttention
 from .attention_linear import LinearAttention
+from .attention_mha import MultiHeadAttention
 from .attention_mla import MultiHeadLatentAttention
 
 VARIANTS: dict[str, type[ConvertedAttention]] = {
+    "mha": MultiHeadAttention,
     "mla": MultiHeadLatentAttention,
     "gqa": GroupedQueryAttention,
     "linear": LinearAttention,

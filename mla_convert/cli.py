@@ -252,6 +252,35 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .finetuning import format_summary
+    from .finetuning.train import default_output, train
+
+    output = args.output or str(default_output(args.config))
+    try:
+        summary = train(
+            args.config,
+            output=output,
+            data=[str(source) for source in args.data] if args.data else None,
+            max_steps=args.max_steps,
+            resume=args.resume,
+            progress=not args.quiet,
+        )
+    except KeyboardInterrupt:
+        print(
+            f"mla-convert: interrupted; continue with the same command plus --resume (checkpoints in {output})",
+            file=sys.stderr,
+        )
+        return 130
+    built = summary["train"]
+    print(
+        f"trained a {built['size']} {built['family']} ({built['attention']['type']} attention, "
+        f"{built['parameters']:,} parameters) from {args.config}"
+    )
+    print(format_summary(summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mla-convert",
@@ -474,6 +503,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="only check that the training and test data can be read, then exit (recipes run it before converting)",
     )
     ft.set_defaults(handler=_cmd_finetune)
+
+    tr = sub.add_parser(
+        "train", help="train a Conformer / Branchformer CTC model from scratch by a YAML recipe, then evaluate it"
+    )
+    tr.add_argument("--config", required=True, metavar="RECIPE.yaml", help="the recipe (see configs/*.yaml)")
+    tr.add_argument(
+        "--data",
+        nargs="+",
+        help="hub, a LibriSpeech root or folders of transcribed audio (default: the recipe's training.data, "
+        "else $LIBRISPEECH_ROOT, else hub)",
+    )
+    tr.add_argument(
+        "--output", help="run directory (default runs/<recipe name>): initial/, the trained model, checkpoints/"
+    )
+    tr.add_argument("--max-steps", type=int, help="optimizer steps (overrides the recipe's epochs / max_steps)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --output (reuses its initial/ model)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    tr.set_defaults(handler=_cmd_train)
     for subparser in sub.choices.values():  # --debug after the command too (`mla-convert convert ... --debug`)
         subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser

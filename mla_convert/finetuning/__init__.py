@@ -21,7 +21,10 @@ Run directory (``output``)::
 
 Modules: :mod:`.config` (settings and their checks), :mod:`.batches` (data and collator),
 :mod:`.trainer` (losses, freezing, the ``Trainer`` subclass), :mod:`.run` (one run end to end),
-:mod:`.checkpoints` (checkpoints and the final model), :mod:`.summary` (evaluation and summary).
+:mod:`.checkpoints` (checkpoints and the final model), :mod:`.summary` (evaluation and summary),
+:mod:`.recipe` and :mod:`.train` (``mla-convert train``: a Conformer / Branchformer trained from
+scratch by a YAML recipe, through :func:`finetune`; ``train.train`` is not re-exported here, so
+the name ``finetuning.train`` stays the module).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 from .batches import SpeechCollator, label_text
 from .checkpoints import last_complete_checkpoint
 from .config import FREEZE_CHOICES, FinetuneConfig, FinetuneError, check_config, parse_test_splits
+from .recipe import Recipe, RecipeError, load_recipe
 from .run import FinetuneRun, check_data, finetune, mean_training_loss
 from .summary import format_summary
 from .trainer import NonFiniteLossError, distillation_loss
@@ -39,6 +43,8 @@ __all__ = [
     "FinetuneError",
     "FinetuneRun",
     "NonFiniteLossError",
+    "Recipe",
+    "RecipeError",
     "SpeechCollator",
     "check_config",
     "check_data",
@@ -47,6 +53,7 @@ __all__ = [
     "format_summary",
     "label_text",
     "last_complete_checkpoint",
+    "load_recipe",
     "mean_training_loss",
     "parse_test_splits",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,9 @@ from ..data import EVALUATION_SPLITS, check_split
 from ..errors import MlaConvertError
 
 FREEZE_CHOICES = ("feature-encoder", "non-attention", "none")
+# transformers' schedulers a run may choose (linear: warm-up then linear decay to 0; inverse_sqrt: warm-up
+# then lr * sqrt(warmup / step), the Noam / ESPnet warmuplr shape for training from scratch)
+LR_SCHEDULERS = ("linear", "cosine", "inverse_sqrt", "constant_with_warmup")
 ARGS_FILE = "finetune_args.json"
 SUMMARY_FILE = "finetune_summary.json"
 EVALUATION_FILE = "evaluation.json"
@@ -44,6 +47,7 @@ class FinetuneConfig:
     batch_size: int = 8
     grad_accum: int = 2
     warmup_steps: float = 500
+    lr_scheduler: str = "linear"
     weight_decay: float = 0.0
     freeze: str = "feature-encoder"
     distill_weight: float = 1.0
@@ -86,6 +90,26 @@ def parse_test_splits(values: Sequence[str]) -> list[str]:
 
 def check_config(config: FinetuneConfig) -> None:
     """Everything that can be refused before a model is loaded, as one-line errors."""
+    check_settings(config)
+    output = Path(config.output)
+    if config.resume:
+        if not output.is_dir():
+            raise FinetuneError(f"--resume: {output} does not exist; start the run without --resume")
+    elif output.exists() and not _holds_only_start_model(output, config.model):
+        raise FinetuneError(f"{output} already exists; pass --resume to continue that run, or choose another --output")
+
+
+def _holds_only_start_model(output: Path, model: str) -> bool:
+    """``output`` holds nothing but the run's own start model (``mla-convert train`` writes the
+    untrained model to ``<output>/initial`` and trains it there): a fresh run, not a resumed one."""
+    start = Path(model).expanduser()
+    if not start.is_dir() or start.resolve().parent != output.resolve():
+        return False
+    return all(entry.name == start.name for entry in output.iterdir())
+
+
+def check_settings(config: FinetuneConfig) -> None:
+    """The checks of the settings themselves (not of the output directory), as one-line errors."""
     config.test_splits = parse_test_splits(config.test_splits)
     if config.lr <= 0 or not math.isfinite(config.lr):
         raise FinetuneError(f"--lr must be a positive number (got {config.lr})")
@@ -108,14 +132,10 @@ def check_config(config: FinetuneConfig) -> None:
         raise FinetuneError("--distill-weight must be >= 0 and --temperature > 0")
     if config.distill_only and not config.teacher:
         raise FinetuneError("--distill-only needs --teacher (the model whose outputs are distilled)")
+    if config.lr_scheduler not in LR_SCHEDULERS:
+        raise FinetuneError(f"--lr-scheduler {config.lr_scheduler!r}: choose from {', '.join(LR_SCHEDULERS)}")
     if not config.data:
         raise FinetuneError("give training data with --data hub|PATH")
-    output = Path(config.output)
-    if config.resume:
-        if not output.is_dir():
-            raise FinetuneError(f"--resume: {output} does not exist; start the run without --resume")
-    elif output.exists():
-        raise FinetuneError(f"{output} already exists; pass --resume to continue that run, or choose another --output")
 
 
 def check_resume_args(config: FinetuneConfig) -> None:
@@ -124,7 +144,11 @@ def check_resume_args(config: FinetuneConfig) -> None:
         raise FinetuneError(f"--resume: {path} is missing; {config.output} is not a fine-tuning run directory")
     previous = json.loads(path.read_text(encoding="utf-8"))
     current = config.to_dict()
-    changed = sorted(k for k in current if k not in RESUME_MAY_CHANGE and previous.get(k) != current[k])
+    # a setting added since the run started was its default then
+    defaults = {f.name: f.default for f in fields(FinetuneConfig) if f.default is not MISSING}
+    changed = sorted(
+        k for k in current if k not in RESUME_MAY_CHANGE and previous.get(k, defaults.get(k)) != current[k]
+    )
     if changed:
         name = changed[0]
         raise FinetuneError(

@@ -111,7 +111,8 @@ class FinetuneRun:
             with torch.no_grad():
                 teacher_logits = self._teacher_logits(inputs, outputs)
             if self.kind == "ctc":
-                mask = ctc_frame_mask(model, sample_lengths.to(outputs.logits.device), outputs.logits.shape[1])
+                lengths = _ctc_input_lengths(inputs, sample_lengths).to(outputs.logits.device)
+                mask = ctc_frame_mask(model, lengths, outputs.logits.shape[1])
             else:
                 mask = labels != -100
             kd = distillation_loss(outputs.logits, teacher_logits, mask, self.config.temperature)
@@ -125,7 +126,7 @@ class FinetuneRun:
     def _teacher_logits(self, inputs: dict[str, torch.Tensor], outputs) -> torch.Tensor:
         teacher = self.teacher.model
         if self.kind == "ctc":
-            kwargs = {k: v for k, v in inputs.items() if k in ("input_values", "attention_mask")}
+            kwargs = {k: v for k, v in inputs.items() if k in ("input_values", "input_features", "attention_mask")}
             return teacher(**kwargs).logits
         kwargs = {"decoder_input_ids": inputs["decoder_input_ids"]}
         encoded = getattr(outputs, "encoder_last_hidden_state", None)
@@ -173,6 +174,19 @@ class FinetuneRun:
         metrics[f"{prefix}_seconds"] = round(time.perf_counter() - started, 2)
         self.dev_history.append({"samples_seen": self.samples_seen, "wer": metrics[f"{prefix}_wer"]})
         return metrics
+
+
+def _ctc_input_lengths(inputs: dict[str, torch.Tensor], sample_lengths: torch.Tensor) -> torch.Tensor:
+    """What a CTC model's ``_get_feat_extract_output_lengths`` counts: audio samples (wav2vec2's raw
+    ``input_values``), or feature frames for a model fed ``input_features`` (mla_convert's Conformer
+    and Branchformer)."""
+    features = inputs.get("input_features")
+    if features is None:
+        return sample_lengths
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        return mask.sum(-1)
+    return torch.full((features.shape[0],), features.shape[1], device=features.device)
 
 
 def _same_vocabulary(student, teacher) -> str | None:

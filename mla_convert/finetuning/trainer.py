@@ -195,7 +195,7 @@ def training_arguments(config: FinetuneConfig, precision: str, device: torch.dev
         num_train_epochs=config.epochs,
         max_steps=config.max_steps or steps or -1,
         warmup_steps=int(warmup) if warmup >= 1 else warmup,
-        lr_scheduler_type="linear",
+        lr_scheduler_type=config.lr_scheduler,
         eval_strategy="steps" if selecting else "no",
         eval_steps=config.eval_steps,
         save_strategy="steps",

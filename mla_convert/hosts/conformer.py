@@ -99,17 +99,15 @@ class ConformerAdapter(HostAdapter):
             yield {"input_features": features.input_features.to(model.device, model.dtype)}
 
     def is_converted(self, model: nn.Module) -> bool:
-        return False  # layers still multi-head after a conversion may be converted later; sites() finds them
+        return bool(getattr(model.config, "attention_conversion", None))
 
     def converted_classes(self) -> list[type]:
         return list(self.model_classes)
 
     def mark_converted(self, model: nn.Module, attention_conversion: dict) -> None:
-        """Record the replaced layers (the class already builds them from ``attention_conversion``)."""
-        config = model.config
-        previous = (getattr(config, "attention_conversion", None) or {}).get("layers", {})
-        layers = {**previous, **attention_conversion.get("layers", {})}
-        config.attention_conversion = {**attention_conversion, "layers": layers}
+        """Record the replaced layers; the class already builds them from ``attention_conversion``
+        (and keeps its ``auto_map``, so the saved remote code is the same)."""
+        model.config.attention_conversion = attention_conversion
 
     def register_auto_classes(self) -> None:
         config_class = self.converted_config

@@ -110,7 +110,9 @@ def _transformers_text(config: dict) -> str:
     return f"Plain `transformers` (>= {major}.0{saved})"
 
 
-def usage_section(inputs: CardInputs) -> list[str]:
+def usage_section(
+    inputs: CardInputs, code: str = "The converted attention is remote code in this repository"
+) -> list[str]:
     auto = auto_class(inputs.config)
     repo = inputs.repo_id
     lines = [
@@ -118,19 +120,22 @@ def usage_section(inputs: CardInputs) -> list[str]:
         "",
         f"{_transformers_text(inputs.config)}; "
         "mla_convert is not needed. "
-        "The converted attention is remote code in this repository "
+        f"{code} "
         f"({', '.join(f'`{name}`' for name in inputs.files if name.endswith('.py'))}), so loading needs "
         '`trust_remote_code=True`: read those files first, and pass `revision="<commit>"` to pin them.',
         "",
         "```python",
     ]
     has_processor = any(name in inputs.files for name in ("preprocessor_config.json", "processor_config.json"))
+    # a feature extractor of its own (mla_convert's Conformer front end) is remote code too
+    remote_extractor = any(name.startswith("feature_extraction_") and name.endswith(".py") for name in inputs.files)
+    processor_options = ", trust_remote_code=True" if remote_extractor else ""
     if pipeline_tag(inputs.config) == "automatic-speech-recognition" and has_processor:
         lines += [
             f"from transformers import {auto}, AutoProcessor, pipeline",
             "",
             f'model = {auto}.from_pretrained("{repo}", trust_remote_code=True)',
-            f'processor = AutoProcessor.from_pretrained("{repo}")',
+            f'processor = AutoProcessor.from_pretrained("{repo}"{processor_options})',
             "",
             f'asr = pipeline("automatic-speech-recognition", model="{repo}", trust_remote_code=True)',
             'print(asr("audio.flac")["text"])',

@@ -30,6 +30,7 @@ from ..io import atomic_output_dir, check_safetensors
 from .access import REACH_TIMEOUT, PushSourceError, check_repo_id, hub_offline, hub_reachable
 from .card import render_card
 from .card_inputs import BaseModelInfo, CardInputs, attention_type, conversion
+from .card_trained import attention_summary, is_own_model, parameter_count, render_trained_card, trained_facts
 from .sources import (
     display_name,
     evaluation_info,
@@ -86,6 +87,7 @@ class UploadPlan:
     evaluation_file: str | None = None
     summary: str = ""
     base: BaseModelInfo = field(default_factory=BaseModelInfo)
+    made: str = "converted"  # or "trained": one of mla_convert's own models, not converted
 
     @property
     def names(self) -> list[str]:
@@ -109,7 +111,8 @@ class UploadPlan:
 
 
 def read_model_dir(model_dir: str | Path) -> tuple[Path, dict, dict | None]:
-    """``(directory, config dict, conversion report dict or None)`` of a converted model."""
+    """``(directory, config dict, conversion report dict or None)`` of a converted model, or of one of
+    mla_convert's own Conformer / Branchformer models (trained, so without ``attention_conversion``)."""
     model_dir = Path(model_dir).expanduser()
     if not model_dir.is_dir():
         raise ModelNotFoundError(f"no such model directory: {model_dir}")
@@ -117,7 +120,7 @@ def read_model_dir(model_dir: str | Path) -> tuple[Path, dict, dict | None]:
     config = read_json(
         config_path, f"{model_dir} has no config.json: not a saved Hugging Face model", f"cannot read {config_path}"
     )
-    if not conversion(config):
+    if not conversion(config) and not is_own_model(config):
         raise PushSourceError(
             f"{model_dir} is not a model converted by mla_convert (its config.json has no attention_conversion)"
         )
@@ -272,8 +275,13 @@ def plan_upload(
     model_dir, config, report = read_model_dir(model_dir)
     if online is None:
         online = not hub_offline() and hub_reachable(REACH_TIMEOUT)
-    base_value = base_model or recorded_base_model(config, report)
-    base = resolve_base_model(base_model, config, report, license=license, online=online)
+    trained = None if conversion(config) else trained_facts(model_dir, training)
+    if trained is not None:  # an own model: a base model only if named, or the Hub id of an ESPnet import
+        base_value = base_model or trained.espnet_hub_id
+        base = resolve_base_model(base_value, {}, None, license=license, online=online)  # {}: nothing recorded
+    else:
+        base_value = base_model or recorded_base_model(config, report)
+        base = resolve_base_model(base_model, config, report, license=license, online=online)
     evaluation_path = find_evaluation_file(model_dir, eval_json)
     evaluation = None
     exclude: set[str] = set()
@@ -290,19 +298,23 @@ def plan_upload(
                 raise PushSourceError(message)
             logger.warning("%s; the card shows them for comparison only", message)
     files, skipped = collect_files(model_dir, config, exclude)
-    card = render_card(
-        CardInputs(
-            repo_id=repo_id,
-            config=config,
-            report=report,
-            files=sorted([*files, "README.md"]),
-            base=base,
-            evaluation=evaluation,
-            training=_training(model_dir, training),
-        )
+    inputs = CardInputs(
+        repo_id=repo_id,
+        config=config,
+        report=report,
+        files=sorted([*files, "README.md"]),
+        base=base,
+        evaluation=evaluation,
+        training=_training(model_dir, training) if trained is None else trained.training,
     )
-    spec = conversion(config).get("spec") or {}
-    summary = f"{attention_type(config)} ({', '.join(f'{k}={v}' for k, v in spec.items() if k != 'attention')})"
+    if trained is not None:
+        trained.parameters = parameter_count(files)
+        card = render_trained_card(inputs, trained)
+        summary = attention_summary(config)
+    else:
+        card = render_card(inputs)
+        spec = conversion(config).get("spec") or {}
+        summary = f"{attention_type(config)} ({', '.join(f'{k}={v}' for k, v in spec.items() if k != 'attention')})"
     return UploadPlan(
         model_dir=model_dir,
         repo_id=repo_id,
@@ -312,6 +324,7 @@ def plan_upload(
         evaluation_file=str(evaluation_path) if evaluation_path else None,
         summary=summary,
         base=base,
+        made="converted" if trained is None else "trained",
     )
 
 

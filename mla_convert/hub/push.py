@@ -73,7 +73,9 @@ def push_to_hub(
     check_remote_code_imports(plan.files)  # a fresh interpreter: seconds, so after the instant refusals
     if plan.base.hub_id and plan.base.license_origin not in ("card", "known"):  # its card may be on the Hub
         plan = plan_upload(model_dir, repo_id, online=True, **options)
-    message = commit_message or f"Upload {repo_id.split('/')[-1]}: {plan.summary} attention, converted with mla_convert"
+    message = (
+        commit_message or f"Upload {repo_id.split('/')[-1]}: {plan.summary} attention, {plan.made} with mla_convert"
+    )
     return _upload(plan, private=private, revision=revision, commit_message=message, token=token, progress=progress)
 
 

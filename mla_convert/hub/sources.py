@@ -239,7 +239,7 @@ def evaluation_info(
     target = model_dir.resolve()
     own = [row for row in rows if target in _row_paths(row)]
     if not own:  # evaluated at another path (moved since): same directory name and same attention spec
-        spec = conversion(config).get("spec")
+        spec = conversion(config).get("spec") or config.get("attention")  # a trained own model: its attention
         candidates = [
             row for row in rows if row.get("attention") == spec and any(p.name == target.name for p in _row_paths(row))
         ]

@@ -90,8 +90,7 @@ def main() -> int:
                         "kv_state_bytes_per_frame": row.get("kv_state_bytes_per_frame"),
                     }
                 )
-    trained = summary.get("trained") or summary.get("training") or {}
-    losses = trained.get("losses") or []
+    losses = summary.get("losses") or []
     result = {
         "what": "configs/conformer_mha.yaml trained on the shared dev-clean sample, converted to MLA, evaluated",
         "honest_note": (

@@ -166,6 +166,14 @@ def _cmd_import_ct2(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_espnet(args: argparse.Namespace) -> int:
+    from .importers.espnet import import_espnet
+
+    output = import_espnet(args.source, args.output, checkpoint=args.checkpoint, overwrite=args.overwrite)
+    print(f"wrote an mla_convert CTC model (ESPnet weights) + processor to {output}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DEMO_NAME, DEMO_TITLE, plan_demo, run_demo, write_report
 
@@ -363,8 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     convert.set_defaults(handler=_cmd_convert)
 
-    push = sub.add_parser("push", help="upload a converted model to the Hugging Face Hub with a model card")
-    push.add_argument("model_dir", metavar="DIR", help="directory written by `mla-convert convert`")
+    push = sub.add_parser(
+        "push", help="upload a converted, trained or ESPnet-imported model to the Hugging Face Hub with a model card"
+    )
+    push.add_argument(
+        "model_dir", metavar="DIR", help="directory written by `mla-convert convert`, `train` or `import-espnet`"
+    )
     push.add_argument("--repo-id", required=True, help="USER/NAME or ORG/NAME (created if missing)")
     push.add_argument("--private", action="store_true", help="create the repo private (existing repos keep theirs)")
     push.add_argument("--revision", help="branch to push to (created if missing; default main)")
@@ -412,6 +424,23 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("--output", required=True, help="directory to write the transformers model to")
     importer.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     importer.set_defaults(handler=_cmd_import_ct2)
+
+    espnet = sub.add_parser(
+        "import-espnet",
+        help="import an ESPnet2 Conformer / Branchformer ASR model (its CTC branch) as an HF model",
+    )
+    espnet.add_argument(
+        "source",
+        help="the experiment's config.yaml, a directory holding it (an unpacked ESPnet model zip), or a Hub id",
+    )
+    espnet.add_argument(
+        "checkpoint",
+        nargs="?",
+        help="the .pth state dict (default: valid.acc.ave.pth, or the only *.pth beside config.yaml)",
+    )
+    espnet.add_argument("--output", required=True, help="directory to write the transformers model to")
+    espnet.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    espnet.set_defaults(handler=_cmd_import_espnet)
 
     demo = sub.add_parser(
         "demo",

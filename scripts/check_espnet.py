@@ -12,7 +12,7 @@ has no padding mask). This side then runs ``import_espnet`` on that directory an
     scripts/espnet_env.sh                              # once: ../venv-espnet
     python scripts/check_espnet.py [--espnet-python ../venv-espnet/bin/python] [--utterances 3]
 
-Writes ``results/espnet_equivalence.json`` (max |log-prob difference| per setting and utterance,
+Writes ``results/espnet_equivalence.json`` and its table ``.md`` (max |log-prob difference| per setting and utterance,
 the greedy CTC transcripts' agreement) and exits 1 if any difference exceeds ``--tolerance``.
 """
 
@@ -161,6 +161,30 @@ def our_side(work: Path, files: list[Path], tolerance: float) -> dict:
     return report
 
 
+def markdown(report: dict) -> str:
+    """The curated table (results/espnet_equivalence.md) of a report."""
+    lines = [
+        "# ESPnet equivalence of `mla-convert import-espnet`",
+        "",
+        f"ESPnet {report['espnet_version']}'s own `ESPnetASRModel` (seeded random weights, every norm randomised) "
+        "against the imported HF model: max |log p_ours - log p_espnet| of the CTC log-probabilities over every "
+        f"frame and token of {len(report['utterances'])} dev-clean utterances ({', '.join(report['utterances'])}), "
+        "one at a time. Produced by `scripts/check_espnet.py`.",
+        "",
+        "| setting | encoder | parameters (CTC model) | max abs log-prob difference | greedy CTC ids equal |",
+        "|---|---|---|---|---|",
+    ]
+    for name, entry in report["settings"].items():
+        same = all(row["greedy_ids_equal"] for row in entry["per_utterance"])
+        lines.append(
+            f"| {name} | {entry['encoder']} | {entry['parameters']:,} | "
+            f"{entry['max_abs_log_prob_difference']:.2e} | {'yes' if same else 'no'} |"
+        )
+    verdict = "passed" if report["passed"] else "FAILED"
+    lines += ["", f"Tolerance {report['tolerance']:g}: {verdict}.", ""]
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--espnet-python", default=str(ROOT.parent / "venv-espnet" / "bin" / "python"))
@@ -187,6 +211,7 @@ def main() -> int:
                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     report["espnet_version"] = version
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    Path(args.output).with_suffix(".md").write_text(markdown(report), encoding="utf-8")
     print(f"wrote {args.output}: {'PASSED' if report['passed'] else 'FAILED'} (tolerance {args.tolerance})")
     return 0 if report["passed"] else 1
 

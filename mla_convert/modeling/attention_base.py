@@ -246,6 +246,37 @@ class ConvertedAttention(nn.Module, ABC):
         output = output.reshape(*hidden_states.shape[:-1], -1)
         return self.out_proj(output), weights
 
+    def stream(
+        self,
+        hidden_states: torch.Tensor,
+        past: tuple[torch.Tensor, ...] | None,
+        position_embeddings: torch.Tensor | None,
+        chunk_size: int,
+        left_chunks: int | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """One chunk of chunked self-attention (an encoder streaming): the chunk's queries see
+        ``past`` (this variant's state of the left context, as :meth:`kv_state` makes it) and the
+        chunk itself. Returns the output and the state to keep: the last ``left_chunks`` chunks of
+        ``chunk_size`` frames (all with ``None``), so the cache holds this variant's per-token state
+        (MLA: the latent) and never expanded keys and values.
+
+        ``position_embeddings`` covers the keys: relative, the ``Tk+Tq-1`` distances; rotary,
+        cos/sin of the key positions (the chunk's queries are the last ``Tq``).
+        """
+        key_rotary = self.rotary_of(position_embeddings)
+        length = hidden_states.shape[1]
+        query_rotary = None if key_rotary is None else key_rotary[:, -length:]
+        query = self.project_query(hidden_states, query_rotary)
+        state = self.kv_state(hidden_states, query_rotary)
+        if past is not None:
+            state = tuple(torch.cat([old, new], dim=2) for old, new in zip(past, state, strict=True))
+        output, _ = self.attend(query, state, None, position_embeddings, key_rotary)
+        output = self.out_proj(output.reshape(*hidden_states.shape[:-1], -1))
+        if left_chunks is not None:
+            keep = left_chunks * chunk_size
+            state = tuple(tensor[:, :, tensor.shape[2] - min(keep, tensor.shape[2]) :] for tensor in state)
+        return output, state
+
     def content_query_and_bias(
         self, query: torch.Tensor, key_length: int, position_embeddings: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

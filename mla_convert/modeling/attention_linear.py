@@ -184,10 +184,37 @@ class LinearAttention(ConvertedAttention):
         weights = scores / normaliser if kwargs.get("output_attentions") and not past else None
         return self.out_proj(output.reshape(*hidden_states.shape[:-1], -1)), weights
 
+    def stream(self, hidden_states, past, position_embeddings, chunk_size, left_chunks):
+        """One chunk of chunked attention (see :meth:`ConvertedAttention.stream`) from running sums:
+        ``past`` is ``(Σ φ(k) vᵀ, Σ φ(k))`` of each kept earlier chunk, ``[B, H, n, F, d]`` and
+        ``[B, H, n, F]``; with all the left context (``left_chunks=None``) they are kept as one
+        summed chunk, so the state is ``H × F × (d + 1)`` per layer whatever the length."""
+        rotary = self.rotary_of(position_embeddings)
+        length = hidden_states.shape[1]
+        rotary = None if rotary is None else rotary[:, -length:]
+        key, value = self.kv_state(hidden_states, rotary)
+        query, key = self._featurised(self.project_query(hidden_states, rotary), key)
+        key_value_sum, key_sum = self._sums(key, value)
+        key_value_sum, key_sum = key_value_sum[:, :, None], key_sum[:, :, None]
+        if past is not None:
+            key_value_sum = torch.cat([past[0], key_value_sum], dim=2)
+            key_sum = torch.cat([past[1], key_sum], dim=2)
+        numerator = torch.matmul(query, key_value_sum.sum(dim=2))
+        normaliser = torch.einsum("bhtf,bhf->bht", query, key_sum.sum(dim=2)).unsqueeze(-1)
+        output = (numerator / (normaliser + self.eps)).transpose(1, 2)
+        output = self.out_proj(output.reshape(*hidden_states.shape[:-1], -1))
+        if left_chunks is None:
+            kept = (key_value_sum.sum(dim=2, keepdim=True), key_sum.sum(dim=2, keepdim=True))
+        else:
+            start = max(0, key_sum.shape[2] - left_chunks)
+            kept = (key_value_sum[:, :, start:], key_sum[:, :, start:])
+        return output, kept
+
     def attend(self, query, state, attention_mask, position_embeddings, rotary, **kwargs):
         key, value = state
         query, key = self._featurised(query, key)
-        if self.is_causal:
+        if self.is_causal or (attention_mask is not None and attention_mask.shape[-2] > 1):
+            # causal, or a mask per query (chunked attention): the masked form over the whole sequence
             weights = self._masked_weights(query, key, attention_mask)
             return torch.matmul(weights, value).transpose(1, 2), weights
         summary, key_sum = self._sums(self._drop_padded_keys(key, attention_mask), value)

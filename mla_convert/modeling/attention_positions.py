@@ -47,14 +47,23 @@ def relative_position_scores(
 ) -> torch.Tensor:
     """Transformer-XL position term ``[B, H, Tq, Tk]`` (matrices b+d), already scaled.
 
-    ``position_embeddings`` is ``(1, 2T-1, hidden)`` as produced by the host's relative
-    positional embedding; ``query`` is ``[B, H, T, d]`` before ``pos_bias_u`` is added.
+    ``position_embeddings`` is ``(1, Tk+Tq-1, hidden)``: the sinusoids of the distances
+    ``Tk-1 ... -(Tq-1)`` as produced by the host's relative positional embedding (``2T-1`` rows for
+    a whole sequence; a streamed chunk of ``Tq`` frames after ``Tk-Tq`` cached ones has its queries
+    at the end of the keys). ``query`` is ``[B, H, Tq, d]`` before ``pos_bias_u`` is added.
     """
     num_heads, head_dim = pos_bias_v.shape
     projected = pos_proj(position_embeddings)
     projected = projected.view(*position_embeddings.shape[:2], num_heads, head_dim).permute(0, 2, 3, 1)
-    scores = torch.matmul(query + pos_bias_v[None, :, None, :], projected)
-    shape = scores.shape
-    scores = nn.functional.pad(scores, (1, 0)).view(*shape[:2], shape[3] + 1, shape[2])
-    scores = scores[..., 1:, :].view(shape)[..., :key_length]
-    return scores * scaling
+    scores = torch.matmul(query + pos_bias_v[None, :, None, :], projected).contiguous()
+    batch, heads, query_length, table = scores.shape
+    if table < key_length + query_length - 1:
+        raise ValueError(f"{table} relative positions cannot cover {query_length} queries x {key_length} keys")
+    # the rel-shift: query a, key b reads the distance (Tq-1-a)+b rows into the table
+    stride_batch, stride_head, stride_row, _ = scores.stride()
+    shifted = scores.as_strided(
+        (batch, heads, query_length, key_length),
+        (stride_batch, stride_head, stride_row - 1, 1),
+        scores.storage_offset() + query_length - 1,
+    )
+    return shifted * scaling

@@ -51,6 +51,11 @@ class BranchformerConfig(SpeechEncoderCTCConfig):
             )
         if not 0.0 <= attn_branch_drop_rate < 1.0:
             raise ConfigValueError(f"attn_branch_drop_rate: must be in [0, 1), got {attn_branch_drop_rate!r}")
+        if merge_method == "learned_ave" and (self.chunk_size or self.causal_conv or self.dynamic_chunk_training):
+            raise ConfigValueError(
+                "merge_method: learned_ave pools each branch over the whole utterance and cannot stream; "
+                "use concat or fixed_ave with chunk_size / causal_conv"
+            )
         self.cgmlp_linear_units = cgmlp_linear_units
         self.cgmlp_conv_kernel = cgmlp_conv_kernel
         self.use_linear_after_conv = use_linear_after_conv

@@ -6,6 +6,12 @@ builds (``{"type": "mha"}``, ``{"type": "mla", "latent_dim": 128}``, ``{"type": 
 keeps ``attention`` as it was trained and lists the replaced layers in ``attention_conversion``
 (``layers``: module path -> layer dict), like every converted host.
 
+Streaming (``chunk_size`` > 0 and ``causal_conv``): every layer's attention sees its own chunk
+of ``chunk_size`` encoder frames and ``num_left_chunks`` chunks before it (-1: all), and the
+depthwise convolutions see only the past, as WeNet's U2; ``dynamic_chunk_training`` samples the
+chunk size per batch in training (1 .. ``max_dynamic_chunk_size``, or full context). Chunk by chunk
+inference (``model.stream``) then equals the chunk-masked forward.
+
 Every choice is checked when the config is built, with a message that names the key.
 """
 
@@ -133,9 +139,21 @@ class SpeechEncoderCTCConfig(PretrainedConfig):
         ctc_zero_infinity: bool = True,
         pad_token_id: int = 0,
         attention_conversion: dict | None = None,
+        chunk_size: int = 0,
+        num_left_chunks: int = -1,
+        causal_conv: bool = False,
+        dynamic_chunk_training: bool = False,
+        max_dynamic_chunk_size: int = 25,
         **kwargs,
     ) -> None:
         super().__init__(pad_token_id=pad_token_id, **kwargs)
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 0:
+            raise ConfigValueError(
+                f"chunk_size: must be a whole number of encoder frames >= 0 (0 = full context), got {chunk_size!r}"
+            )
+        if not isinstance(num_left_chunks, int) or isinstance(num_left_chunks, bool) or num_left_chunks < -1:
+            raise ConfigValueError(f"num_left_chunks: must be -1 (all) or a count >= 0, got {num_left_chunks!r}")
+        _positive("max_dynamic_chunk_size", max_dynamic_chunk_size)
         for key in ("vocab_size", "input_dim", "hidden_size", "num_hidden_layers", "num_attention_heads"):
             _positive(key, locals()[key])
         for key in ("dropout", "positional_dropout", "attention_dropout", "final_dropout"):
@@ -176,6 +194,18 @@ class SpeechEncoderCTCConfig(PretrainedConfig):
         self.ctc_loss_reduction = ctc_loss_reduction
         self.ctc_zero_infinity = ctc_zero_infinity
         self.attention_conversion = attention_conversion
+        self.chunk_size = chunk_size
+        self.num_left_chunks = num_left_chunks
+        self.causal_conv = bool(causal_conv)
+        self.dynamic_chunk_training = bool(dynamic_chunk_training)
+        self.max_dynamic_chunk_size = max_dynamic_chunk_size
+
+    @property
+    def left_context_frames(self) -> int | None:
+        """Encoder frames of left context a chunk attends to besides itself (``None``: all)."""
+        if self.num_left_chunks < 0 or self.chunk_size == 0:
+            return None
+        return self.num_left_chunks * self.chunk_size
 
     @property
     def subsampling_factor(self) -> int:
@@ -185,6 +215,11 @@ class SpeechEncoderCTCConfig(PretrainedConfig):
     def position_mode(self) -> str:
         """How the attention modules take positions (see ``attention_positions``)."""
         return {"rel_pos": "relative", "rotary": "rotary", "abs_pos": "none"}[self.position_embedding]
+
+    @property
+    def streaming(self) -> bool:
+        """Trained for chunk-by-chunk inference: chunk-masked attention and causal convolutions."""
+        return self.causal_conv and (self.chunk_size > 0 or self.dynamic_chunk_training)
 
     def layer_attention(self, path: str) -> dict:
         """The layer dict of the attention at ``path`` (relative to the base model): its entry in

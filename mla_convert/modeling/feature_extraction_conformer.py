@@ -123,7 +123,11 @@ class ConformerFeatureExtractor(SequenceFeatureExtractor):
         if waveform.shape[0] <= pad:
             raise ValueError(f"a waveform of {waveform.shape[0]} samples is too short: reflect padding needs > {pad}")
         padded = np.pad(waveform, (pad, pad), mode="reflect")
-        frames = np.lib.stride_tricks.sliding_window_view(padded, self.n_fft)[:: self.hop_length]
+        return self.log_mel_of_frames(np.lib.stride_tricks.sliding_window_view(padded, self.n_fft)[:: self.hop_length])
+
+    def log_mel_of_frames(self, frames: np.ndarray) -> np.ndarray:
+        """Log-mel features ``[n, feature_size]`` (float64) of ``n`` frames of ``n_fft`` samples
+        taken from the reflect-padded waveform (a streaming front end hands them in as they fill)."""
         spectrum = np.fft.rfft(frames * self.window_array, n=self.n_fft, axis=-1)
         power = spectrum.real**2 + spectrum.imag**2
         mel = power @ self.mel_filters

@@ -13,7 +13,17 @@ import torch
 from torch import nn
 
 from .configuration_branchformer import BranchformerConfig
-from .modeling_speech_encoder import ACTIVATIONS, SpeechEncoderForCTC, SpeechEncoderModel, self_attention, zero_padding
+from .modeling_speech_encoder import (
+    ACTIVATIONS,
+    SpeechEncoderForCTC,
+    SpeechEncoderModel,
+    StreamContext,
+    conv_padding,
+    depthwise_conv,
+    run_attention,
+    self_attention,
+    zero_padding,
+)
 
 
 class ConvolutionalSpatialGatingUnit(nn.Module):
@@ -23,16 +33,19 @@ class ConvolutionalSpatialGatingUnit(nn.Module):
         super().__init__()
         channels, kernel = config.cgmlp_linear_units // 2, config.cgmlp_conv_kernel
         self.norm = nn.LayerNorm(channels, eps=config.layer_norm_eps)
-        self.conv = nn.Conv1d(channels, channels, kernel, 1, (kernel - 1) // 2, groups=channels)
+        self.causal = config.causal_conv
+        self.conv = nn.Conv1d(channels, channels, kernel, 1, conv_padding(kernel, self.causal), groups=channels)
         self.linear = nn.Linear(channels, channels) if config.use_linear_after_conv else None
         gate = config.gate_activation
         self.act = nn.Identity() if gate == "identity" else ACTIVATIONS[gate]()
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, states: torch.Tensor, frame_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, states: torch.Tensor, frame_mask: torch.Tensor | None, stream: StreamContext | None = None
+    ) -> torch.Tensor:
         kept, gate = states.chunk(2, dim=-1)
         gate = zero_padding(self.norm(gate), frame_mask)
-        gate = self.conv(gate.transpose(1, 2)).transpose(1, 2)
+        gate = depthwise_conv(self.conv, gate.transpose(1, 2), self.causal, stream).transpose(1, 2)
         if self.linear is not None:
             gate = self.linear(gate)
         return self.dropout(kept * self.act(gate))
@@ -47,8 +60,10 @@ class ConvolutionalGatingMLP(nn.Module):
         self.csgu = ConvolutionalSpatialGatingUnit(config)
         self.channel_proj2 = nn.Linear(config.cgmlp_linear_units // 2, config.hidden_size)
 
-    def forward(self, states: torch.Tensor, frame_mask: torch.Tensor | None) -> torch.Tensor:
-        return self.channel_proj2(self.csgu(self.channel_proj1(states), frame_mask))
+    def forward(
+        self, states: torch.Tensor, frame_mask: torch.Tensor | None, stream: StreamContext | None = None
+    ) -> torch.Tensor:
+        return self.channel_proj2(self.csgu(self.channel_proj1(states), frame_mask, stream))
 
 
 def masked_pooling_weights(scores: torch.Tensor, frame_mask: torch.Tensor | None) -> torch.Tensor:
@@ -106,12 +121,11 @@ class BranchformerLayer(nn.Module):
         position_embeddings: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         frame_mask: torch.Tensor | None,
+        stream: StreamContext | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attended, weights = self.attn(
-            self.norm_mha(states), attention_mask=attention_mask, position_embeddings=position_embeddings
-        )
+        attended, weights = run_attention(self.attn, self.norm_mha(states), position_embeddings, attention_mask, stream)
         attended = self.dropout(attended)
-        gated = self.dropout(self.cgmlp(self.norm_mlp(states), frame_mask))
+        gated = self.dropout(self.cgmlp(self.norm_mlp(states), frame_mask, stream))
         if self.merge_method == "concat":
             merged = self.merge_proj(torch.cat([attended, gated], dim=-1))
         elif self.merge_method == "fixed_ave":

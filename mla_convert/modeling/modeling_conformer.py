@@ -20,6 +20,10 @@ from .modeling_speech_encoder import (
     FeedForward,
     SpeechEncoderForCTC,
     SpeechEncoderModel,
+    StreamContext,
+    conv_padding,
+    depthwise_conv,
+    run_attention,
     self_attention,
     zero_padding,
 )
@@ -27,21 +31,25 @@ from .modeling_speech_encoder import (
 
 class ConformerConvolution(nn.Module):
     """ESPnet ``ConvolutionModule``: pointwise conv + GLU, depthwise conv, BatchNorm, activation,
-    pointwise conv."""
+    pointwise conv. With ``causal_conv`` the depthwise convolution sees only the past."""
 
     def __init__(self, config: ConformerConfig) -> None:
         super().__init__()
         channels, kernel = config.hidden_size, config.conv_kernel_size
+        self.causal = config.causal_conv
         self.pointwise_conv1 = nn.Conv1d(channels, 2 * channels, 1)
-        self.depthwise_conv = nn.Conv1d(channels, channels, kernel, padding=(kernel - 1) // 2, groups=channels)
+        padding = conv_padding(kernel, self.causal)
+        self.depthwise_conv = nn.Conv1d(channels, channels, kernel, padding=padding, groups=channels)
         self.norm = nn.BatchNorm1d(channels)
         self.activation = ACTIVATIONS[config.hidden_act]()
         self.pointwise_conv2 = nn.Conv1d(channels, channels, 1)
 
-    def forward(self, states: torch.Tensor, frame_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, states: torch.Tensor, frame_mask: torch.Tensor | None, stream: StreamContext | None = None
+    ) -> torch.Tensor:
         states = nn.functional.glu(self.pointwise_conv1(states.transpose(1, 2)), dim=1)
         states = zero_padding(states.transpose(1, 2), frame_mask).transpose(1, 2)
-        states = self.activation(self.norm(self.depthwise_conv(states)))
+        states = self.activation(self.norm(depthwise_conv(self.depthwise_conv, states, self.causal, stream)))
         return self.pointwise_conv2(states).transpose(1, 2)
 
 
@@ -71,15 +79,16 @@ class ConformerLayer(nn.Module):
         position_embeddings: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         frame_mask: torch.Tensor | None,
+        stream: StreamContext | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.feed_forward_macaron is not None:
             states = states + self.ff_scale * self.dropout(self.feed_forward_macaron(self.norm_ff_macaron(states)))
-        attended, weights = self.self_attn(
-            self.norm_mha(states), attention_mask=attention_mask, position_embeddings=position_embeddings
+        attended, weights = run_attention(
+            self.self_attn, self.norm_mha(states), position_embeddings, attention_mask, stream
         )
         states = states + self.dropout(attended)
         if self.conv_module is not None:
-            states = states + self.dropout(self.conv_module(self.norm_conv(states), frame_mask))
+            states = states + self.dropout(self.conv_module(self.norm_conv(states), frame_mask, stream))
         states = states + self.ff_scale * self.dropout(self.feed_forward(self.norm_ff(states)))
         if self.norm_final is not None:
             states = self.norm_final(states)

@@ -83,6 +83,11 @@ class PositionalEncoding(nn.Module):
     * ``rel_pos``: the ``[1, 2T-1, d]`` relative sinusoids (positions T-1 ... -(T-1));
     * ``abs_pos``: absolute sinusoids added to the input; nothing for the attention;
     * ``rotary``: the input unscaled; cos/sin tables ``[2, T, 1, 1, head_dim]`` for the attention.
+
+    A streamed chunk passes ``offset`` (the absolute position of its first frame) and ``left``
+    (the cached frames its queries also see): absolute sinusoids start at ``offset``, relative ones
+    cover the distances ``left+T-1 ... -(T-1)`` and rotary tables the key positions
+    ``offset-left ... offset+T-1``, the same values the whole-sequence forward gives those frames.
     """
 
     def __init__(self, config) -> None:
@@ -93,20 +98,21 @@ class PositionalEncoding(nn.Module):
         self.rotary_base = float(config.rotary_embedding_base)
         self.dropout = nn.Dropout(config.positional_dropout)
 
-    def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, states: torch.Tensor, offset: int = 0, left: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         length = states.shape[1]
         device = states.device
         if self.kind == "rotary":
             channels = torch.arange(0, self.head_dim, 2, device=device).float()
             inv_freq = 1.0 / self.rotary_base ** (channels / self.head_dim)
-            angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)
+            positions = torch.arange(offset - left, offset + length, device=device).float()
+            angles = torch.outer(positions, inv_freq)
             angles = torch.cat((angles, angles), dim=-1)[:, None, None, :]
             return self.dropout(states), torch.stack([angles.cos(), angles.sin()]).to(states.dtype)
         states = states * math.sqrt(self.hidden_size)
         if self.kind == "abs_pos":
-            table = sinusoids(torch.arange(length), self.hidden_size).to(device, states.dtype)
+            table = sinusoids(torch.arange(offset, offset + length), self.hidden_size).to(device, states.dtype)
             return self.dropout(states + table[None]), None
-        positions = torch.cat([torch.arange(length - 1, -1, -1), -torch.arange(1, length)])
+        positions = torch.cat([torch.arange(left + length - 1, -1, -1), -torch.arange(1, length)])
         table = sinusoids(positions, self.hidden_size).to(device, states.dtype)[None]
         return self.dropout(states), self.dropout(table)
 
@@ -134,6 +140,74 @@ def zero_padding(states: torch.Tensor, frame_mask: torch.Tensor | None) -> torch
     """Padded frames set to 0 before a convolution over time, so that they never leak into real
     frames (a batched utterance gets the logits it gets alone)."""
     return states if frame_mask is None else states.masked_fill(~frame_mask[..., None], 0.0)
+
+
+def chunk_mask(length: int, chunk_size: int, left_chunks: int | None, device=None) -> torch.Tensor:
+    """``[T, T]`` bool, True where frame i may attend to frame j: j's chunk of ``chunk_size``
+    frames is i's own or one of the ``left_chunks`` before it (all of them with ``None``)."""
+    chunk = torch.arange(length, device=device) // chunk_size
+    allowed = chunk[None, :] <= chunk[:, None]
+    if left_chunks is not None:
+        allowed &= chunk[None, :] >= chunk[:, None] - left_chunks
+    return allowed
+
+
+@dataclass
+class LayerStreamState:
+    """What one layer keeps between streamed chunks: its attention variant's state of the left
+    context (MHA / GQA: keys and values, MLA: the latent, linear: the running sums) and the last
+    ``kernel - 1`` input frames of its causal depthwise convolution."""
+
+    attention: tuple[torch.Tensor, ...] | None = None
+    conv: torch.Tensor | None = None
+
+
+@dataclass
+class StreamContext:
+    """A layer's view of the chunk being streamed: its state (updated in place) and the chunking."""
+
+    layer: LayerStreamState
+    chunk_size: int
+    left_chunks: int | None
+
+
+def run_attention(
+    attention: ConvertedAttention,
+    states: torch.Tensor,
+    position_embeddings: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    stream: StreamContext | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The self-attention of a layer, over the whole sequence or, streaming, over one chunk."""
+    if stream is None:
+        return attention(states, attention_mask=attention_mask, position_embeddings=position_embeddings)
+    output, stream.layer.attention = attention.stream(
+        states, stream.layer.attention, position_embeddings, stream.chunk_size, stream.left_chunks
+    )
+    return output, None
+
+
+def depthwise_conv(
+    conv: nn.Conv1d, states: torch.Tensor, causal: bool, stream: StreamContext | None = None
+) -> torch.Tensor:
+    """``conv`` over time of ``[B, C, T]``. Causal: left-padded with ``kernel - 1`` frames, zeros
+    at the start of an utterance, the previous chunk's last frames when streaming (kept in
+    ``stream.layer.conv`` for the next)."""
+    if not causal:
+        return conv(states)
+    context = conv.kernel_size[0] - 1
+    past = None if stream is None else stream.layer.conv
+    if past is None:
+        past = states.new_zeros(states.shape[0], states.shape[1], context)
+    padded = torch.cat([past, states], dim=2)
+    if stream is not None:
+        stream.layer.conv = padded[:, :, padded.shape[2] - context :]
+    return conv(padded)
+
+
+def conv_padding(kernel: int, causal: bool) -> int:
+    """The symmetric padding of a same-length convolution; none when causal (see depthwise_conv)."""
+    return 0 if causal else (kernel - 1) // 2
 
 
 def attention_geometry(config) -> AttentionGeometry:
@@ -243,11 +317,44 @@ class SpeechEncoderModel(SpeechEncoderPreTrainedModel):
         if self.training and self.config.specaugment:
             input_features = spec_augment(input_features, lengths, self.config)
         states, position_embeddings = self.positions(self.embed(input_features))
+        chunking = self.attention_chunking()
+        chunks = None if chunking is None else chunk_mask(states.shape[1], *chunking, device=states.device)[None, None]
         if attention_mask is None:
-            return EncoderInputs(states, position_embeddings, None, None)
+            return EncoderInputs(states, position_embeddings, None, chunks)
         output_lengths = self._get_feat_extract_output_lengths(lengths)
         frame_mask = torch.arange(states.shape[1], device=states.device)[None, :] < output_lengths[:, None]
-        return EncoderInputs(states, position_embeddings, frame_mask, frame_mask[:, None, None, :])
+        mask = frame_mask[:, None, None, :]
+        return EncoderInputs(states, position_embeddings, frame_mask, mask if chunks is None else mask & chunks)
+
+    def forward_chunk(
+        self,
+        embedded: torch.Tensor,
+        offset: int,
+        layers: list[LayerStreamState],
+        chunk_size: int,
+        left_chunks: int | None,
+    ) -> torch.Tensor:
+        """The layers over one streamed chunk: ``embedded`` ``[B, T, d]`` is the subsampling's
+        output for encoder frames ``offset .. offset+T-1``; ``layers`` hold each layer's state of
+        the frames before (updated in place). Returns the final-normed states of the chunk."""
+        left = offset if left_chunks is None else min(offset, left_chunks * chunk_size)
+        states, position_embeddings = self.positions(embedded, offset=offset, left=left)
+        for layer, layer_state in zip(self.layers, layers, strict=True):
+            context = StreamContext(layer_state, chunk_size, left_chunks)
+            states, _ = layer(states, position_embeddings, None, None, context)
+        return self.after_norm(states)
+
+    def attention_chunking(self) -> tuple[int, int | None] | None:
+        """``(chunk_size, left_chunks)`` of this forward's chunk mask, ``None`` for full context.
+        With ``dynamic_chunk_training``, a training batch sees the full context half of the time,
+        else a chunk of 1 .. ``max_dynamic_chunk_size`` frames (WeNet's U2)."""
+        config = self.config
+        left = None if config.num_left_chunks < 0 else config.num_left_chunks
+        if self.training and config.dynamic_chunk_training:
+            if torch.rand(()) < 0.5:
+                return None
+            return int(torch.randint(1, config.max_dynamic_chunk_size + 1, ())), left
+        return (config.chunk_size, left) if config.chunk_size else None
 
     def forward(
         self,
@@ -316,6 +423,29 @@ class SpeechEncoderForCTC(SpeechEncoderPreTrainedModel):
             loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=encoded.attentions
         )
         return output if return_dict is not False else output.to_tuple()
+
+    def stream(
+        self,
+        processor=None,
+        *,
+        feature_extractor=None,
+        tokenizer=None,
+        chunk_size: int | None = None,
+        num_left_chunks: int | None = None,
+        state=None,
+    ):
+        """A :class:`~.streaming_speech_encoder.StreamingSession` over this model: feed it audio
+        in pieces (``session.feed(audio)``, then ``session.finish()``) for partial CTC hypotheses.
+        ``processor`` (or ``feature_extractor`` + ``tokenizer``) is the model's; chunking defaults
+        to the config's; ``state`` resumes a saved :class:`~.streaming_speech_encoder.StreamingState`."""
+        from .streaming_speech_encoder import StreamingSession
+
+        if processor is not None:
+            feature_extractor = feature_extractor or processor.feature_extractor
+            tokenizer = tokenizer or getattr(processor, "tokenizer", None)
+        if feature_extractor is None:
+            raise ValueError("streaming needs the model's feature extractor (pass its processor)")
+        return StreamingSession(self, feature_extractor, tokenizer, chunk_size, num_left_chunks, state)
 
     def ctc_loss(
         self, logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None, frames: int

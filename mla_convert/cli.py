@@ -174,6 +174,31 @@ def _cmd_import_espnet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_stream(args: argparse.Namespace) -> int:
+    from .streaming import format_stream_report, stream_files
+
+    def partial(file: str, text: str) -> None:
+        if not args.quiet:
+            print(f"... {text}", file=sys.stderr, flush=True)
+
+    report = stream_files(
+        args.model,
+        args.audio,
+        chunk_size=args.chunk_size,
+        num_left_chunks=args.num_left_chunks,
+        piece_ms=args.piece_ms,
+        on_partial=partial,
+    )
+    print(format_stream_report(report))
+    if args.json:
+        from .io import atomic_file
+
+        with atomic_file(Path(args.json)) as temporary:
+            temporary.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DEMO_NAME, DEMO_TITLE, plan_demo, run_demo, write_report
 
@@ -441,6 +466,20 @@ def build_parser() -> argparse.ArgumentParser:
     espnet.add_argument("--output", required=True, help="directory to write the transformers model to")
     espnet.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     espnet.set_defaults(handler=_cmd_import_espnet)
+
+    stream = sub.add_parser(
+        "stream", help="stream audio files chunk by chunk through a Conformer / Branchformer CTC model"
+    )
+    stream.add_argument(
+        "model", help="an mla_convert Conformer / Branchformer directory (trained, imported or converted)"
+    )
+    stream.add_argument("audio", nargs="+", help="audio files (any format soundfile reads)")
+    stream.add_argument("--chunk-size", type=int, help="encoder frames per chunk (default: the model's chunk_size)")
+    stream.add_argument("--num-left-chunks", type=int, help="chunks of left context, -1 for all (default: the model's)")
+    stream.add_argument("--piece-ms", type=int, default=160, help="audio fed per call, in ms (default 160)")
+    stream.add_argument("--json", metavar="OUT", help="also write the report as JSON")
+    stream.add_argument("--quiet", action="store_true", help="do not print the partial hypotheses")
+    stream.set_defaults(handler=_cmd_stream)
 
     demo = sub.add_parser(
         "demo",

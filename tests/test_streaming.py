@@ -213,3 +213,29 @@ def test_a_saved_streaming_model_streams_without_mla_convert(tmp_path, processor
         cwd=tmp_path,
     )
     assert float(output.strip().splitlines()[-1]) <= 1e-5
+
+
+def test_the_stream_command_prints_the_transcript_and_the_cache_it_held(tmp_path, processor, audio, capsys):
+    import json
+
+    from mla_convert import cli
+
+    model = streaming_model("conformer", "gqa", chunk_size=8, num_left_chunks=2)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    _, path, _ = next(iter(librispeech_utterances("dev-clean", limit=1)))
+    assert cli.main(["stream", str(tmp_path / "model"), str(path), "--json", str(tmp_path / "s.json")]) == 0
+    report = json.loads((tmp_path / "s.json").read_text())
+    entry = report["files"][0]
+    full = decode_audio(path)
+    assert entry["text"] == processor.tokenizer.decode(full_forward(model, processor, full)[0].argmax(-1).tolist())
+    assert entry["attention_cache_bytes"] == entry["attention_cache_formula_bytes"] == 4 * 2 * 16 * 64
+    assert report["chunk_ms"] == 320 and entry["text"] in capsys.readouterr().out
+
+    tiny_model("conformer", vocab_size=30).save_pretrained(tmp_path / "full-context")  # causal_conv false
+    processor.save_pretrained(tmp_path / "full-context")
+    assert cli.main(["stream", str(tmp_path / "full-context"), str(path)]) == 2
+    assert cli.main(["stream", str(tmp_path / "model"), str(path), "--chunk-size", "0"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mla-convert:")]
+    assert [line.split(":")[2].strip() for line in errors] == ["causal_conv", "chunk_size"]
+    assert all(line.startswith("mla-convert: error: ") for line in errors)

@@ -27,6 +27,7 @@ PARAMETERS = {
     ("conformer_mla", "small"): 2_549_406,
     ("conformer_gqa", "small"): 2_521_182,
     ("conformer_linear", "small"): 2_604_702,
+    ("conformer_mha_streaming", "small"): 2_604_702,
     ("branchformer_mha", "small"): 1_696_350,
     ("branchformer_mla", "small"): 1_641_054,
     ("branchformer_gqa", "small"): 1_612_830,
@@ -35,6 +36,7 @@ PARAMETERS = {
     ("conformer_mla", "large"): 78_135_326,
     ("conformer_gqa", "large"): 78_519_326,
     ("conformer_linear", "large"): 83_247_134,
+    ("conformer_mha_streaming", "large"): 83_247_134,
     ("branchformer_mha", "large"): 48_785_438,
     ("branchformer_mla", "large"): 43_673_630,
     ("branchformer_gqa", "large"): 44_057_630,
@@ -69,11 +71,12 @@ def test_the_recipes_cover_both_families_and_every_attention():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_every_recipe_builds_its_model_with_the_expected_parameter_count(path, size):
     recipe = load_recipe(path, {"model": {"size": size}})
-    family, attention = path.stem.split("_")
+    family, attention = path.stem.split("_")[:2]
     assert (recipe.family, recipe.size) == (family, size)
     model = recipe.build_model(VOCAB, device="meta")
     assert type(model).__name__ == f"{family.capitalize()}ForCTC"
     assert model.config.attention["type"] == attention
+    assert model.config.streaming == path.stem.endswith("_streaming")
     count = sum(parameter.numel() for parameter in model.parameters())
     print(f"{path.stem} {size}: {count:,} parameters")
     assert count == PARAMETERS[(path.stem, size)]

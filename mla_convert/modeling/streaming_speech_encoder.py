@@ -193,10 +193,6 @@ class StreamingFeatures:
 
 def check_streaming(config, chunk_size: int, num_left_chunks: int) -> None:
     """One-line errors for settings that cannot stream this model."""
-    if not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise StreamingConfigError(f"chunk_size: streaming needs a chunk of >= 1 encoder frames, got {chunk_size!r}")
-    if not isinstance(num_left_chunks, int) or num_left_chunks < -1:
-        raise StreamingConfigError(f"num_left_chunks: must be -1 (all) or a count >= 0, got {num_left_chunks!r}")
     uses_conv = getattr(config, "use_cnn_module", True)
     if uses_conv and not config.causal_conv:
         raise StreamingConfigError(
@@ -205,6 +201,10 @@ def check_streaming(config, chunk_size: int, num_left_chunks: int) -> None:
         )
     if getattr(config, "merge_method", None) == "learned_ave":
         raise StreamingConfigError("merge_method: learned_ave pools over the whole utterance and cannot stream")
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise StreamingConfigError(f"chunk_size: streaming needs a chunk of >= 1 encoder frames, got {chunk_size!r}")
+    if not isinstance(num_left_chunks, int) or num_left_chunks < -1:
+        raise StreamingConfigError(f"num_left_chunks: must be -1 (all) or a count >= 0, got {num_left_chunks!r}")
 
 
 def chunking_difference(model, chunk_size: int, left_chunks: int | None, frames: int = 512) -> tuple[float, float]:

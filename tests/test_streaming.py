@@ -72,11 +72,11 @@ def full_forward(model, processor, audio) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", ["conformer", "branchformer"])
 @pytest.mark.parametrize("attention", list(ATTENTIONS))
-@pytest.mark.parametrize("chunk_size,num_left_chunks", [(8, -1), (5, 2), (100, -1)])
+@pytest.mark.parametrize("chunk_size,num_left_chunks", [(8, -1), (5, 2), (11, 3), (100, -1)])
 def test_streamed_outputs_equal_the_chunk_masked_forward(
     family, attention, chunk_size, num_left_chunks, processor, audio
 ):
-    # 99 encoder frames: chunks of 8 and 5 do not divide them, one of 100 holds them all
+    # 99 encoder frames: chunks of 8 and 5 do not divide them, 11 does, one of 100 holds them all
     model = streaming_model(family, attention, chunk_size=chunk_size, num_left_chunks=num_left_chunks)
     expected = full_forward(model, processor, audio)
     streamed = stream_in_pieces(model.stream(processor), audio)

@@ -289,7 +289,8 @@ class StreamingSession:
 
     def _advance(self, features: np.ndarray, final: bool) -> StreamingOutput:
         state = self.state
-        new = torch.from_numpy(features)[None]
+        parameter = next(self.model.parameters())  # the model's device and dtype (a GPU, fp16)
+        new = torch.from_numpy(features)[None].to(parameter.device, parameter.dtype)
         state.features = new if state.features is None else torch.cat([state.features, new], dim=1)
         embedded = self._subsample()
         if embedded is not None:
@@ -300,7 +301,7 @@ class StreamingSession:
             state.pending = rest if rest.shape[1] else None
             outputs.append(self._layers(chunk))
         vocab = self.model.config.vocab_size
-        logits = torch.cat(outputs, dim=1) if outputs else torch.zeros(1, 0, vocab)
+        logits = torch.cat(outputs, dim=1) if outputs else parameter.new_zeros(1, 0, vocab)
         ids = logits[0].argmax(-1).tolist()
         state.token_ids.extend(ids)
         text = None if self.tokenizer is None else self.tokenizer.decode(state.token_ids)

@@ -170,3 +170,14 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.write_line(
             f"{skipped} tests skipped: no LibriSpeech sample at {LIBRISPEECH} (set LIBRISPEECH_ROOT)"
         )
+
+
+@pytest.fixture(scope="session")
+def dev_clean_audio():
+    """The first 4 s of the first dev-clean utterance (float32, 16 kHz)."""
+    if not (LIBRISPEECH / "dev-clean").is_dir():
+        pytest.skip(f"no LibriSpeech sample at {LIBRISPEECH}")
+    from mla_convert.data.audio import decode_audio
+
+    _, path, _ = librispeech_utterances("dev-clean", limit=1)[0]
+    return decode_audio(path)[: 16000 * 4]

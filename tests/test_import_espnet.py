@@ -13,11 +13,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import LIBRISPEECH, librispeech_utterances
 from test_speech_encoders import tiny_model
 
 from mla_convert import cli
-from mla_convert.data.audio import decode_audio
 from mla_convert.errors import MlaConvertError, ModelNotFoundError
 from mla_convert.importers.espnet import EspnetFormatError, import_espnet, rename_key
 from mla_convert.modeling.feature_extraction_conformer import ConformerFeatureExtractor
@@ -89,11 +87,8 @@ def write_experiment(directory, family: str, model, *, snapshot=False, with_buff
 
 
 @pytest.fixture(scope="module")
-def waveform() -> np.ndarray:
-    if not (LIBRISPEECH / "dev-clean").is_dir():
-        pytest.skip(f"no LibriSpeech sample at {LIBRISPEECH}")
-    _, path, _ = next(iter(librispeech_utterances("dev-clean", limit=1)))
-    return decode_audio(path)[: 16000 * 4]
+def waveform(dev_clean_audio) -> np.ndarray:
+    return dev_clean_audio
 
 
 def test_the_parameter_names_are_espnets():

@@ -10,7 +10,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import LIBRISPEECH, librispeech_utterances
+from conftest import librispeech_utterances
 from helpers import run_without_mla_convert
 from test_speech_encoders import tiny_model
 
@@ -40,11 +40,8 @@ def processor():
 
 
 @pytest.fixture(scope="module")
-def audio() -> np.ndarray:
-    if not (LIBRISPEECH / "dev-clean").is_dir():
-        pytest.skip(f"no LibriSpeech sample at {LIBRISPEECH}")
-    _, path, _ = next(iter(librispeech_utterances("dev-clean", limit=1)))
-    return decode_audio(path)[: 16000 * 4]
+def audio(dev_clean_audio) -> np.ndarray:
+    return dev_clean_audio
 
 
 def streaming_model(family: str, attention: str = "mha", **overrides):

@@ -199,9 +199,7 @@ class LinearAttention(ConvertedAttention):
         if past is not None:
             key_value_sum = torch.cat([past[0], key_value_sum], dim=2)
             key_sum = torch.cat([past[1], key_sum], dim=2)
-        numerator = torch.matmul(query, key_value_sum.sum(dim=2))
-        normaliser = torch.einsum("bhtf,bhf->bht", query, key_sum.sum(dim=2)).unsqueeze(-1)
-        output = (numerator / (normaliser + self.eps)).transpose(1, 2)
+        output = self._read(query, key_value_sum.sum(dim=2), key_sum.sum(dim=2)).transpose(1, 2)
         output = self.out_proj(output.reshape(*hidden_states.shape[:-1], -1))
         if left_chunks is None:
             kept = (key_value_sum.sum(dim=2, keepdim=True), key_sum.sum(dim=2, keepdim=True))
@@ -217,9 +215,7 @@ class LinearAttention(ConvertedAttention):
             # causal, or a mask per query (chunked attention): the masked form over the whole sequence
             weights = self._masked_weights(query, key, attention_mask)
             return torch.matmul(weights, value).transpose(1, 2), weights
-        summary, key_sum = self._sums(self._drop_padded_keys(key, attention_mask), value)
-        normaliser = torch.einsum("bhtf,bhf->bht", query, key_sum).unsqueeze(-1)
-        output = torch.matmul(query, summary) / (normaliser + self.eps)
+        output = self._read(query, *self._sums(self._drop_padded_keys(key, attention_mask), value))
         # the T x T weights are never formed on this path; only when asked for
         weights = self._masked_weights(query, key, attention_mask) if kwargs.get("output_attentions") else None
         return output.transpose(1, 2), weights
@@ -229,6 +225,11 @@ class LinearAttention(ConvertedAttention):
         if self.position_mode == "relative":
             query = query + self.pos_bias_u[None, :, None, :]
         return self.features(query, True), self.features(key, False)
+
+    def _read(self, query: torch.Tensor, key_value_sum: torch.Tensor, key_sum: torch.Tensor) -> torch.Tensor:
+        """``φ(q) (Σ φ(k) vᵀ) / (φ(q) · Σ φ(k))``: the queries read out of the sums, ``[B, H, T, d]``."""
+        normaliser = torch.einsum("bhtf,bhf->bht", query, key_sum).unsqueeze(-1)
+        return torch.matmul(query, key_value_sum) / (normaliser + self.eps)
 
     @staticmethod
     def _drop_padded_keys(key: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

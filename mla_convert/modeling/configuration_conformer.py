@@ -201,13 +201,6 @@ class SpeechEncoderCTCConfig(PretrainedConfig):
         self.max_dynamic_chunk_size = max_dynamic_chunk_size
 
     @property
-    def left_context_frames(self) -> int | None:
-        """Encoder frames of left context a chunk attends to besides itself (``None``: all)."""
-        if self.num_left_chunks < 0 or self.chunk_size == 0:
-            return None
-        return self.num_left_chunks * self.chunk_size
-
-    @property
     def subsampling_factor(self) -> int:
         return SUBSAMPLING_FACTORS[self.subsampling]
 

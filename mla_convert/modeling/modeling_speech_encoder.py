@@ -54,6 +54,11 @@ class Conv2dSubsampling(nn.Module):
         return lengths
 
     @property
+    def stride(self) -> int:
+        """Input frames per output frame (4, 6 or 8)."""
+        return math.prod(stride for _, stride in self.layers)
+
+    @property
     def minimum_frames(self) -> int:
         """The shortest input that still gives one output frame."""
         length = 1

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .modeling_speech_encoder import LayerStreamState, chunk_mask
+from .modeling_speech_encoder import LayerStreamState
 
 logger = logging.getLogger(__name__)
 
@@ -212,17 +212,17 @@ def chunking_difference(model, chunk_size: int, left_chunks: int | None, frames:
     training: ``(max |Δ log-prob|, share of frames whose best token changes)`` between its own
     attention pattern and the requested one, on a fixed pseudo-random input of ``frames`` log-mel
     frames (a measurement, not a bound)."""
-    encoder = model.encoder
+    config = model.config
     generator = torch.Generator().manual_seed(0)
-    features = torch.randn(1, frames, model.config.input_dim, generator=generator)
+    features = torch.randn(1, frames, config.input_dim, generator=generator)
+    trained = (config.chunk_size, config.num_left_chunks)
     with torch.no_grad():
         reference = model(input_features=features).logits.log_softmax(-1)
-        embedded = encoder.embed(features)
-        states, position_embeddings = encoder.positions(embedded)
-        mask = chunk_mask(states.shape[1], chunk_size, left_chunks)[None, None]
-        for layer in encoder.layers:
-            states, _ = layer(states, position_embeddings, mask, None)
-        chunked = model.lm_head(encoder.after_norm(states)).log_softmax(-1)
+        try:  # the model's own forward, with the requested chunk mask
+            config.chunk_size, config.num_left_chunks = chunk_size, -1 if left_chunks is None else left_chunks
+            chunked = model(input_features=features).logits.log_softmax(-1)
+        finally:
+            config.chunk_size, config.num_left_chunks = trained
     changed = (reference.argmax(-1) != chunked.argmax(-1)).float().mean().item()
     return float((reference - chunked).abs().max()), changed
 
@@ -254,9 +254,8 @@ class StreamingSession:
         if self.chunk_size != config.chunk_size or left != config.num_left_chunks or config.dynamic_chunk_training:
             self._warn_chunking(config, left)
         self.features = StreamingFeatures(feature_extractor)
-        embed = model.encoder.embed
-        self.receptive_field = embed.minimum_frames
-        self.stride = int(np.prod([stride for _, stride in embed.layers]))
+        self.receptive_field = model.encoder.embed.minimum_frames
+        self.stride = model.encoder.embed.stride
         self.state = state or StreamingState(layers=[LayerStreamState() for _ in model.encoder.layers])
 
     def _warn_chunking(self, config, left: int) -> None:

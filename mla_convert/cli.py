@@ -174,6 +174,15 @@ def _cmd_import_espnet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_funasr(args: argparse.Namespace) -> int:
+    from .importers.funasr import import_funasr
+
+    source = args.source if not args.checkpoint else [args.source, args.checkpoint]
+    output = import_funasr(source, args.output, overwrite=args.overwrite)
+    print(f"wrote an mla_convert Paraformer (FunASR weights) + processor to {output}")
+    return 0
+
+
 def _cmd_stream(args: argparse.Namespace) -> int:
     from .streaming import format_stream_report, stream_files
 
@@ -466,6 +475,16 @@ def build_parser() -> argparse.ArgumentParser:
     espnet.add_argument("--output", required=True, help="directory to write the transformers model to")
     espnet.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     espnet.set_defaults(handler=_cmd_import_espnet)
+
+    funasr = sub.add_parser(
+        "import-funasr",
+        help="import a FunASR Paraformer (ConformerEncoder + ParaformerSANDecoder) as an HF model",
+    )
+    funasr.add_argument("source", help="the model's config.yaml, or a directory holding config.yaml and model.pt")
+    funasr.add_argument("checkpoint", nargs="?", help="the model.pt state dict (with a config.yaml source)")
+    funasr.add_argument("--output", required=True, help="directory to write the transformers model to")
+    funasr.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    funasr.set_defaults(handler=_cmd_import_funasr)
 
     stream = sub.add_parser(
         "stream", help="stream audio files chunk by chunk through a Conformer / Branchformer CTC model"

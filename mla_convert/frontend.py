@@ -52,9 +52,14 @@ def char_vocabulary(texts: Iterable[str] = ()) -> list[str]:
     return [BLANK, UNKNOWN, WORD_DELIMITER, *sorted(characters)]
 
 
-def _ctc_tokenizer(vocabulary: Sequence[str], directory: str | os.PathLike | None) -> Wav2Vec2CTCTokenizer:
-    """A CTC tokenizer whose id ``i`` is ``vocabulary[i]``, its ``vocab.json`` written to
-    ``directory`` (a temporary folder when ``None``: the tokenizer keeps the vocabulary in memory)."""
+def _ctc_tokenizer(
+    vocabulary: Sequence[str],
+    directory: str | os.PathLike | None,
+    tokenizer_class: type[Wav2Vec2CTCTokenizer] = Wav2Vec2CTCTokenizer,
+) -> Wav2Vec2CTCTokenizer:
+    """A CTC tokenizer (or ``tokenizer_class``, a subclass) whose id ``i`` is ``vocabulary[i]``, its
+    ``vocab.json`` written to ``directory`` (a temporary folder when ``None``: the tokenizer keeps
+    the vocabulary in memory)."""
     if len(set(vocabulary)) != len(vocabulary):
         duplicates = sorted({token for token in vocabulary if vocabulary.count(token) > 1})
         raise ValueError(f"the token list repeats {duplicates}")
@@ -64,12 +69,12 @@ def _ctc_tokenizer(vocabulary: Sequence[str], directory: str | os.PathLike | Non
         raise ValueError(f"the token list has no {UNKNOWN!r}")
     if directory is None:
         with tempfile.TemporaryDirectory(prefix="mla_convert-vocab-") as temporary:
-            return _ctc_tokenizer(vocabulary, temporary)
+            return _ctc_tokenizer(vocabulary, temporary, tokenizer_class)
     path = Path(directory) / VOCAB_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     vocab = {token: index for index, token in enumerate(vocabulary)}
     path.write_text(json.dumps(vocab, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return Wav2Vec2CTCTokenizer(
+    return tokenizer_class(
         str(path),
         bos_token=None,
         eos_token=None,
@@ -79,13 +84,18 @@ def _ctc_tokenizer(vocabulary: Sequence[str], directory: str | os.PathLike | Non
     )
 
 
-def char_tokenizer(tokens: Sequence[str], directory: str | os.PathLike | None = None) -> Wav2Vec2CTCTokenizer:
+def char_tokenizer(
+    tokens: Sequence[str],
+    directory: str | os.PathLike | None = None,
+    tokenizer_class: type[Wav2Vec2CTCTokenizer] = Wav2Vec2CTCTokenizer,
+) -> Wav2Vec2CTCTokenizer:
     """The CTC tokenizer of a character vocabulary (see :func:`char_vocabulary`): id ``i`` is
-    ``tokens[i]``, ``<blank>`` (id 0) the pad token, ``|`` the word delimiter."""
+    ``tokens[i]``, ``<blank>`` (id 0) the pad token, ``|`` the word delimiter. A Paraformer's
+    ``ParaformerTokenizer`` (``tokenizer_class``) is the same but keeps repeated tokens."""
     tokens = list(tokens)
     if WORD_DELIMITER not in tokens:
         raise ValueError(f"a character vocabulary needs the word delimiter {WORD_DELIMITER!r}")
-    return _ctc_tokenizer(tokens, directory)
+    return _ctc_tokenizer(tokens, directory, tokenizer_class)
 
 
 def espnet_vocabulary(token_list: Sequence[str]) -> list[str]:
@@ -108,12 +118,14 @@ def espnet_vocabulary(token_list: Sequence[str]) -> list[str]:
 
 
 def tokenizer_from_token_list(
-    token_list: Sequence[str], directory: str | os.PathLike | None = None
+    token_list: Sequence[str],
+    directory: str | os.PathLike | None = None,
+    tokenizer_class: type[Wav2Vec2CTCTokenizer] = Wav2Vec2CTCTokenizer,
 ) -> Wav2Vec2CTCTokenizer:
     """The CTC tokenizer of an ESPnet model's ``token_list``: the same ids in the same order;
     ``<space>`` is the word delimiter, sentencepiece's ``▁`` decodes to a space and ``<sos/eos>``
     to nothing (see :func:`espnet_vocabulary`)."""
-    return _ctc_tokenizer(espnet_vocabulary(list(token_list)), directory)
+    return _ctc_tokenizer(espnet_vocabulary(list(token_list)), directory, tokenizer_class)
 
 
 def cmvn_statistics(
@@ -144,17 +156,20 @@ def build_processor(
     *,
     espnet_token_list: bool = False,
     directory: str | os.PathLike | None = None,
+    tokenizer_class: type[Wav2Vec2CTCTokenizer] = Wav2Vec2CTCTokenizer,
     **extractor_kwargs: Any,
 ) -> Wav2Vec2Processor:
     """A ``Wav2Vec2Processor`` of a :class:`ConformerFeatureExtractor` (``extractor_kwargs``, with
     the CMVN statistics) and the CTC tokenizer of ``tokens``: a character vocabulary
     (:func:`char_tokenizer`) or, with ``espnet_token_list=True``, an ESPnet model's token list
     (:func:`tokenizer_from_token_list`). ``directory`` receives ``vocab.json`` (default: a
-    temporary folder); ``processor.save_pretrained`` writes every file."""
+    temporary folder); ``tokenizer_class`` is the tokenizer's class (a Paraformer's
+    ``ParaformerTokenizer``); ``processor.save_pretrained`` writes every file."""
     extractor = ConformerFeatureExtractor(
         cmvn_mean=None if cmvn_mean is None else list(cmvn_mean),
         cmvn_std=None if cmvn_std is None else list(cmvn_std),
         **extractor_kwargs,
     )
     make_tokenizer = tokenizer_from_token_list if espnet_token_list else char_tokenizer
-    return Wav2Vec2Processor(feature_extractor=extractor, tokenizer=make_tokenizer(tokens, directory))
+    tokenizer = make_tokenizer(tokens, directory, tokenizer_class)
+    return Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)

@@ -67,8 +67,20 @@ class ConversionReport:
             "state_bytes_per_frame_after": self.state_bytes_per_frame_after,
             "state_ratio": self.state_ratio,
             "fixed_state_bytes_after": sum(layer.fixed_state_bytes_after for layer in self.layers),
+            "state_bytes_per_frame_by_role": self.state_bytes_by_role(),
         }
         return data
+
+    def state_bytes_by_role(self) -> dict[str, dict[str, int]]:
+        """Per role (``encoder``, ``decoder``, ``cross`` ...), the converted layers' state bytes per
+        position before and after; a cross-attention's positions are the encoder's frames."""
+        roles: dict[str, dict[str, int]] = {}
+        for layer in self.layers:
+            role = roles.setdefault(layer.role, {"layers": 0, "before": 0, "after": 0})
+            role["layers"] += 1
+            role["before"] += layer.state_bytes_per_frame_before
+            role["after"] += layer.state_bytes_per_frame_after
+        return roles
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

@@ -19,7 +19,9 @@ from mla_convert.finetuning.train import build_initial
 from mla_convert.frontend import char_vocabulary
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-RECIPES = sorted(CONFIGS.glob("conformer_*.yaml")) + sorted(CONFIGS.glob("branchformer_*.yaml"))
+RECIPES = [
+    path for family in ("conformer", "branchformer", "paraformer") for path in sorted(CONFIGS.glob(f"{family}_*.yaml"))
+]
 VOCAB = len(char_vocabulary())  # 30: blank, unk, |, ' and A-Z
 # measured once (meta device, 30 tokens); the MHA conformer ones equal conformer_mha_parameters below
 PARAMETERS = {
@@ -41,15 +43,23 @@ PARAMETERS = {
     ("branchformer_mla", "large"): 43_673_630,
     ("branchformer_gqa", "large"): 44_057_630,
     ("branchformer_linear", "large"): 48_785_438,
+    ("paraformer_mha", "small"): 3_340_831,
+    ("paraformer_mla", "small"): 3_174_943,
+    ("paraformer_mha", "large"): 109_275_167,
+    ("paraformer_mla", "large"): 98_461_727,
 }
+MODEL_CLASS = {"conformer": "ConformerForCTC", "branchformer": "BranchformerForCTC", "paraformer": "ParaformerForASR"}
 # tiny sizes and no noise: a few steps on two utterances must lower the loss
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "specaugment": False, "dropout": 0.0, "positional_dropout": 0.0}
-TINY_FAMILY = {"conformer": {"intermediate_size": 128}, "branchformer": {"cgmlp_linear_units": 128}}
+TINY_FAMILY = {
+    "conformer": {"intermediate_size": 128},
+    "branchformer": {"cgmlp_linear_units": 128},
+    "paraformer": {"intermediate_size": 128, "decoder_intermediate_size": 128, "sampling_ratio": 0.0},
+}
 
 
 def tiny(recipe_path: Path) -> dict:
-    family = "conformer" if recipe_path.stem.startswith("conformer") else "branchformer"
-    return {**TINY, **TINY_FAMILY[family]}
+    return {**TINY, **TINY_FAMILY[recipe_path.stem.split("_")[0]]}
 
 
 def conformer_mha_parameters(d: int, layers: int, ff: int, kernel: int, vocab: int, mels: int = 80) -> int:
@@ -63,7 +73,7 @@ def conformer_mha_parameters(d: int, layers: int, ff: int, kernel: int, vocab: i
     return subsampling + layers * layer + 2 * d + linear(d, vocab)
 
 
-def test_the_recipes_cover_both_families_and_every_attention():
+def test_the_recipes_cover_every_family_and_attention():
     assert sorted(path.stem for path in RECIPES) == sorted(name for name, size in PARAMETERS if size == "small")
 
 
@@ -74,7 +84,7 @@ def test_every_recipe_builds_its_model_with_the_expected_parameter_count(path, s
     family, attention = path.stem.split("_")[:2]
     assert (recipe.family, recipe.size) == (family, size)
     model = recipe.build_model(VOCAB, device="meta")
-    assert type(model).__name__ == f"{family.capitalize()}ForCTC"
+    assert type(model).__name__ == MODEL_CLASS[family]
     assert model.config.attention["type"] == attention
     assert model.config.streaming == path.stem.endswith("_streaming")
     count = sum(parameter.numel() for parameter in model.parameters())
@@ -106,7 +116,8 @@ def test_every_recipe_model_learns_from_a_few_utterances(path, two_utterances):
     recipe = load_recipe(path, {"model": tiny(path)})
     texts = [row["text"] for row in two_utterances]
     model, processor = build_initial(recipe, texts, [row["audio"] for row in two_utterances])
-    collator = SpeechCollator("ctc", processor.feature_extractor, processor.tokenizer, pad_token_id=0)
+    kind = "nar" if recipe.family == "paraformer" else "ctc"
+    collator = SpeechCollator(kind, processor.feature_extractor, processor.tokenizer, pad_token_id=0)
     batch = collator(two_utterances)
     batch.pop("sample_lengths")
     assert batch["input_features"].shape[-1] == 80 and (batch["labels"] < VOCAB).all()
@@ -120,7 +131,7 @@ def test_every_recipe_model_learns_from_a_few_utterances(path, two_utterances):
         optimizer.zero_grad()
         losses.append(float(loss.detach()))
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
-    print(f"{path.stem}: mean CTC loss {first:.3f} -> {last:.3f}")
+    print(f"{path.stem}: mean loss {first:.3f} -> {last:.3f}")
     assert last < 0.8 * first
 
 
@@ -199,6 +210,9 @@ BAD = {
     "text for a number": ("training.batch_size", "four", "training.batch_size: expected int, got 'four'"),
     "window longer than the FFT": ("frontend.win_length", 1024, "frontend: win_length (1024) may not be larger"),
     "vocabulary size": ("model.vocab_size", 40, "model.vocab_size: not set in a recipe"),
+    "predictor threshold": ("model.predictor_threshold", 0.0, "model.predictor_threshold: must be a number > 0"),
+    "decoder heads": ("model.decoder_attention_heads", 5, "model.decoder_attention_heads: 5 heads do not divide"),
+    "cross kv heads": ("model.cross_attention", {"type": "gqa", "kv_heads": 3}, "model.cross_attention.kv_heads:"),
 }
 
 
@@ -206,6 +220,8 @@ BAD = {
 def test_a_bad_recipe_is_one_line_naming_its_key_before_anything_runs(case, tmp_path, capsys):
     key, value, expected = BAD[case]
     name = "branchformer_mha" if "merge" in key or "conv_kernel" in key else "conformer_mha"
+    if key.split(".")[1].startswith(("predictor", "decoder", "cross")):
+        name = "paraformer_mha"
     values = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     section, field = key.split(".")
     values[section][field] = value

@@ -23,6 +23,8 @@ from .overlap import calibrated_ids, conversion_report
 # Greedy seq2seq decoding stops at min(model limit, BASE + RATE * longest audio seconds in the batch)
 # new tokens: ~3x the fastest LibriSpeech speech, so only a looping decoder reaches it.
 MAX_NEW_TOKENS_BASE = 24
+# models whose forward decodes (no generate()): their logits hold one row per predicted token
+NON_AUTOREGRESSIVE_MODEL_TYPES = ("mla_paraformer",)
 MAX_NEW_TOKENS_PER_SECOND = 12
 
 
@@ -41,7 +43,7 @@ class ASRModel:
 
     model_id: str
     path: str
-    kind: str  # "ctc" | "seq2seq"
+    kind: str  # "ctc" | "nar" (non-autoregressive: Paraformer) | "seq2seq"
     model: Any
     feature_extractor: Any
     tokenizer: Any
@@ -106,6 +108,8 @@ class ASRModel:
         inputs = self._to_device(prepared["inputs"])
         if self.kind == "ctc":
             return self._ctc(inputs, prepared["lengths"])
+        if self.kind == "nar":
+            return self._non_autoregressive(inputs)
         result = self._generate(inputs, prepared["max_seconds"])
         result.truncated = prepared.get("truncated")
         return result
@@ -130,6 +134,13 @@ class ASRModel:
         counts = frames.tolist() if frames is not None else [ids.shape[1]] * ids.shape[0]
         rows = [ids[i, : max(1, min(n, ids.shape[1]))].tolist() for i, n in enumerate(counts)]
         return Transcripts(texts=self.tokenizer.batch_decode(rows))
+
+    def _non_autoregressive(self, inputs: dict[str, Any]) -> Transcripts:
+        """One forward (a Paraformer's predictor and decoder): each row's first ``token_lengths`` tokens."""
+        output = self.model(**inputs)
+        ids = output.logits.argmax(dim=-1).cpu()
+        lengths = output.token_lengths.cpu().tolist()
+        return Transcripts(texts=self.tokenizer.batch_decode([ids[i, :n].tolist() for i, n in enumerate(lengths)]))
 
     def install_padding_guards(self) -> int:
         """Zero padded frames before every conformer depthwise convolution.
@@ -229,7 +240,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def asr_kind(config, model_id: str) -> str:
-    """``"ctc"`` or ``"seq2seq"`` from the config's architectures; a one-line error for anything else."""
+    """``"ctc"``, ``"nar"`` (a non-autoregressive decoder read in one forward: mla_convert's
+    Paraformer) or ``"seq2seq"`` from the config's architectures; a one-line error for anything else."""
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CTC_MAPPING_NAMES,
         MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES,
@@ -240,6 +252,8 @@ def asr_kind(config, model_id: str) -> str:
     remote = {auto: str(target).rsplit(".", 1)[-1] for auto, target in auto_map.items() if isinstance(target, str)}
     ctc_names = set(MODEL_FOR_CTC_MAPPING_NAMES.values())
     seq2seq_names = set(MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES.values())
+    if getattr(config, "model_type", None) in NON_AUTOREGRESSIVE_MODEL_TYPES:
+        return "nar"
     for name in architectures:
         if name in ctc_names or name.endswith("ForCTC") or remote.get("AutoModelForCTC") == name:
             return "ctc"

@@ -40,7 +40,7 @@ def whisper_english_normalizer(tokenizer=None) -> Callable[[str], str]:
 
 
 def normalizer_for(kind: str, tokenizer=None) -> tuple[str, Callable[[str], str]]:
-    """``(name, function)`` for a model kind: ``"ctc"`` or ``"seq2seq"``."""
+    """``(name, function)`` for a model kind: ``"ctc"``, ``"nar"`` (Paraformer) or ``"seq2seq"``."""
     if kind == "seq2seq":
         return WHISPER_ENGLISH, whisper_english_normalizer(tokenizer)
     return LIBRISPEECH, librispeech_normalize

@@ -110,6 +110,11 @@ def dev_rows(config: FinetuneConfig, train_rows: list[dict] | None, sampling_rat
     return rows, train_rows
 
 
+# kinds whose batches are padded features + a frame mask and whose labels are the transcript's
+# token ids padded with -100 (no decoder prompt): CTC models and non-autoregressive ones (Paraformer)
+FRAME_LABEL_KINDS = ("ctc", "nar")
+
+
 def label_text(text: str, tokenizer: Any, kind: str) -> str:
     """A transcript in the writing style the model's vocabulary expects.
 
@@ -118,7 +123,7 @@ def label_text(text: str, tokenizer: Any, kind: str) -> str:
     all-caps transcript becomes sentence case, so training does not teach the model to shout
     (the evaluation normaliser lower-cases anyway).
     """
-    if kind == "ctc":
+    if kind in FRAME_LABEL_KINDS:
         if getattr(tokenizer, "do_lower_case", False):
             return text.lower()
         letters = [token for token in tokenizer.get_vocab() if len(token) == 1 and token.isalpha()]
@@ -158,7 +163,7 @@ class SpeechCollator:
             self.skipped_long += len(rows) - len(kept)
             rows = kept or rows[:1]
         audios = [np.asarray(row["audio"], dtype=np.float32) for row in rows]
-        if self.kind == "ctc":
+        if self.kind in FRAME_LABEL_KINDS:
             batch = self._ctc(audios)
         else:
             batch = dict(self.feature_extractor(audios, sampling_rate=self.sampling_rate, return_tensors="pt"))
@@ -166,7 +171,7 @@ class SpeechCollator:
         batch["sample_lengths"] = torch.tensor([len(a) for a in audios])
         if self.labelled:
             texts = [label_text(row["text"], self.tokenizer, self.kind) for row in rows]
-            batch.update(self.ctc_labels(texts) if self.kind == "ctc" else self.seq2seq_labels(texts))
+            batch.update(self.ctc_labels(texts) if self.kind in FRAME_LABEL_KINDS else self.seq2seq_labels(texts))
         return batch
 
     def _ctc(self, audios: list[np.ndarray]) -> dict[str, torch.Tensor]:

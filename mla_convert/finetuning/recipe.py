@@ -1,10 +1,10 @@
-"""Training recipes: a YAML file naming a Conformer / Branchformer CTC model, its front end and how
-to train it (``mla-convert train --config configs/X.yaml``).
+"""Training recipes: a YAML file naming a Conformer / Branchformer CTC model or a Paraformer, its
+front end and how to train it (``mla-convert train --config configs/X.yaml``).
 
 Layout::
 
     model:
-      family: conformer          # or branchformer
+      family: conformer          # or branchformer, paraformer
       size: small                # small (default) | large; every other key overrides the preset
       attention: {type: mla, latent_dim: 64}
     frontend: {n_fft: 512, win_length: 400, hop_length: 160, n_mels: 80}
@@ -37,11 +37,16 @@ from ..data import check_split
 from ..errors import MlaConvertError
 from ..modeling.configuration_branchformer import BranchformerConfig
 from ..modeling.configuration_conformer import ConfigValueError, ConformerConfig, SpeechEncoderCTCConfig
+from ..modeling.configuration_paraformer import ParaformerConfig
 from ..modeling.feature_extraction_conformer import ConformerFeatureExtractor
 from .config import FinetuneConfig, FinetuneError, check_settings, parse_test_splits
 
 SECTIONS = ("model", "frontend", "training", "seed")
-FAMILIES: dict[str, type[SpeechEncoderCTCConfig]] = {"conformer": ConformerConfig, "branchformer": BranchformerConfig}
+FAMILIES: dict[str, type[SpeechEncoderCTCConfig]] = {
+    "conformer": ConformerConfig,
+    "branchformer": BranchformerConfig,
+    "paraformer": ParaformerConfig,
+}
 _SHARED_LARGE = dict(hidden_size=512, num_attention_heads=8, num_hidden_layers=12)
 # small trains on a 2-core CPU; large is the earlier framework's (and ESPnet's LibriSpeech) setting
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
@@ -55,6 +60,15 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
                       cgmlp_conv_kernel=15),
         "large": dict(_SHARED_LARGE, cgmlp_linear_units=2048, cgmlp_conv_kernel=31),
     },
+    # the encoder as the Conformer's; large: a 6-layer decoder of the encoder's width (FunASR's
+    # Conformer-Paraformer recipes pair 12 encoder blocks with 6 decoder blocks of 2048 units)
+    "paraformer": {
+        "small": dict(hidden_size=144, num_attention_heads=4, num_hidden_layers=4, intermediate_size=576,
+                      conv_kernel_size=15, decoder_layers=2, decoder_attention_heads=4,
+                      decoder_intermediate_size=576),
+        "large": dict(_SHARED_LARGE, intermediate_size=2048, conv_kernel_size=31, decoder_layers=6,
+                      decoder_attention_heads=8, decoder_intermediate_size=2048),
+    },
 }  # fmt: skip
 DEFAULT_SEED = 42
 
@@ -66,6 +80,8 @@ MODEL_SET_BY_TRAIN = {
     "attention_conversion": "written by mla-convert convert, not trained",
     "ctc_loss_reduction": "training uses the per-utterance mean",
     "ctc_zero_infinity": "training always zeroes infinite losses",
+    "predictor_bias": "a character vocabulary has no eos token; predictor_bias 1 is for imported FunASR models",
+    "eos_token_id": "a character vocabulary has no eos token; predictor_bias 1 is for imported FunASR models",
 }
 FRONTEND_SET_BY_TRAIN = {
     "feature_size": "write n_mels",
@@ -121,14 +137,11 @@ class Recipe:
         return self.config_class(vocab_size=vocab_size, input_dim=input_dim, **self.model)
 
     def build_model(self, vocab_size: int, device: str | None = None):
-        """The untrained ``ConformerForCTC`` / ``BranchformerForCTC``, initialised from ``seed``
-        (``device="meta"``: shapes only, for parameter counts)."""
+        """The untrained ``ConformerForCTC`` / ``BranchformerForCTC`` / ``ParaformerForASR``,
+        initialised from ``seed`` (``device="meta"``: shapes only, for parameter counts)."""
         import torch
 
-        from ..modeling.modeling_branchformer import BranchformerForCTC
-        from ..modeling.modeling_conformer import ConformerForCTC
-
-        model_class = {"conformer": ConformerForCTC, "branchformer": BranchformerForCTC}[self.family]
+        model_class = model_class_of(self.family)
         config = self.model_config(vocab_size)
         if device == "meta":
             with torch.device("meta"):
@@ -151,6 +164,24 @@ class Recipe:
             "seed": self.seed,
             "cmvn_utterances": self.cmvn_utterances,
         }
+
+
+def model_class_of(family: str) -> type:
+    """The trainable model class of a family."""
+    from ..modeling.modeling_branchformer import BranchformerForCTC
+    from ..modeling.modeling_conformer import ConformerForCTC
+    from ..modeling.modeling_paraformer import ParaformerForASR
+
+    return {"conformer": ConformerForCTC, "branchformer": BranchformerForCTC, "paraformer": ParaformerForASR}[family]
+
+
+def tokenizer_class_of(family: str) -> type:
+    """The tokenizer class of a family: CTC's (repeats merged) or the Paraformer's (kept)."""
+    from transformers import Wav2Vec2CTCTokenizer
+
+    from ..modeling.tokenization_paraformer import ParaformerTokenizer
+
+    return ParaformerTokenizer if family == "paraformer" else Wav2Vec2CTCTokenizer
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -277,7 +308,7 @@ def _model_section(section: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     if size not in SIZES[family]:
         raise RecipeError(f"model.size: unknown size {size!r}; choose {' or '.join(SIZES[family])}")
     config_class = FAMILIES[family]
-    parameters = _init_parameters(config_class, SpeechEncoderCTCConfig)
+    parameters = _init_parameters(*[cls for cls in config_class.__mro__ if issubclass(cls, SpeechEncoderCTCConfig)])
     known = [*parameters, "family", "size"]
     kwargs = dict(SIZES[family][size])
     for key, value in section.items():
@@ -354,16 +385,13 @@ def _check_model(family: str, kwargs: dict[str, Any], input_dim: int) -> None:
     """Build the config (ConfigValueError names its key) and the model on the meta device."""
     import torch
 
-    from ..modeling.modeling_branchformer import BranchformerForCTC
-    from ..modeling.modeling_conformer import ConformerForCTC
-
     try:
         config = FAMILIES[family](vocab_size=32, input_dim=input_dim, **kwargs)
     except ConfigValueError as error:
         raise RecipeError(f"model.{error}") from None
     except (ValueError, TypeError) as error:
         raise RecipeError(f"model: {error}") from None
-    model_class = {"conformer": ConformerForCTC, "branchformer": BranchformerForCTC}[family]
+    model_class = model_class_of(family)
     try:
         with torch.device("meta"):
             model_class(config)

@@ -291,6 +291,11 @@ def _finetune(config: FinetuneConfig, device: torch.device, callbacks: Sequence[
     student = load_asr_model(config.model, device)
     teacher = load_asr_model(config.teacher, device) if config.teacher else None
     if teacher is not None:
+        if student.kind == "nar":
+            raise FinetuneError(
+                "distillation of a Paraformer is not supported: its token rows follow its own predictor, "
+                "so teacher and student logits do not line up; fine-tune it on transcripts"
+            )
         if teacher.kind != student.kind:
             raise FinetuneError(f"teacher {config.teacher} is a {teacher.kind} model; the student is {student.kind}")
         why = _same_vocabulary(student, teacher)

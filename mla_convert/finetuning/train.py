@@ -1,4 +1,4 @@
-"""``mla-convert train``: a Conformer / Branchformer CTC model trained from scratch by a YAML recipe.
+"""``mla-convert train``: a Conformer / Branchformer CTC model or a Paraformer trained from scratch by a YAML recipe.
 
 A run is (1) the recipe, read and checked (:mod:`.recipe`); (2) the character vocabulary of the
 training transcripts and the global CMVN statistics of their log-mel features (ESPnet's
@@ -28,7 +28,7 @@ from ..io import atomic_file, atomic_output_dir, transformers_progress_bars
 from ..modeling.feature_extraction_conformer import ConformerFeatureExtractor
 from .batches import AudioRows, dev_rows, training_data
 from .config import ARGS_FILE, SUMMARY_FILE, FinetuneConfig, check_config
-from .recipe import Recipe, RecipeError, load_recipe
+from .recipe import Recipe, RecipeError, load_recipe, tokenizer_class_of
 from .run import check_data, finetune
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def build_initial(recipe: Recipe, texts: Iterable[str], audios: Iterable[np.ndar
     always included) and the global mean / std of the log-mel features of ``audios``."""
     tokens = char_vocabulary(texts)
     mean, std = cmvn_statistics(audios, ConformerFeatureExtractor(**recipe.frontend))
-    processor = build_processor(tokens, mean, std, **recipe.frontend)
+    processor = build_processor(tokens, mean, std, tokenizer_class=tokenizer_class_of(recipe.family), **recipe.frontend)
     return recipe.build_model(len(tokens)), processor
 
 

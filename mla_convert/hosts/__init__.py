@@ -8,10 +8,17 @@ from ..errors import UnsupportedModelError
 from .base import AttentionSite, AttentionWeights, HostAdapter
 from .branchformer import BranchformerAdapter
 from .conformer import ConformerAdapter
+from .paraformer import ParaformerAdapter
 from .wav2vec2_conformer import Wav2Vec2ConformerAdapter
 from .whisper import WhisperAdapter
 
-ADAPTERS: list[HostAdapter] = [Wav2Vec2ConformerAdapter(), WhisperAdapter(), ConformerAdapter(), BranchformerAdapter()]
+ADAPTERS: list[HostAdapter] = [
+    Wav2Vec2ConformerAdapter(),
+    WhisperAdapter(),
+    ConformerAdapter(),
+    BranchformerAdapter(),
+    ParaformerAdapter(),
+]
 
 for _adapter in ADAPTERS:
     _adapter.register_auto_classes()

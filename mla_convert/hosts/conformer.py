@@ -14,7 +14,7 @@ import transformers
 from torch import nn
 
 from ..modeling import modeling_conformer as modeling
-from ..modeling.attention_base import ConvertedAttention, LayerSpec
+from ..modeling.attention_base import AttentionGeometry, ConvertedAttention, LayerSpec
 from ..modeling.attention_build import build_attention
 from ..modeling.configuration_conformer import ConformerConfig, attention_layer_dict, normalize_attention
 from ..modeling.feature_extraction_conformer import ConformerFeatureExtractor
@@ -38,6 +38,13 @@ class ConformerAdapter(HostAdapter):
     def geometry(self, config, role: str) -> tuple[int, int]:
         return config.hidden_size, config.num_attention_heads
 
+    def attention_geometry(self, config, role: str) -> AttentionGeometry:
+        """The geometry of ``role``'s attention (ESPnet: biases on q/k/v/out)."""
+        return attention_geometry(config)
+
+    def position_mode(self, config, role: str) -> str:
+        return config.position_mode
+
     def layer_count(self, config, role: str) -> int:
         return config.num_hidden_layers
 
@@ -54,19 +61,20 @@ class ConformerAdapter(HostAdapter):
     def sites(self, model: nn.Module, roles: tuple[str, ...]) -> list[AttentionSite]:
         base = self.base_model(model)
         found = []
-        for index in range(self.layer_count(model.config, "encoder")):
-            path = self.site_path("encoder", index)
-            module = base.get_submodule(path)
-            if getattr(module, "variant", None) == "mha":  # converted (or trained-as-MLA) layers are left alone
-                found.append(AttentionSite(path, module, index, "encoder"))
+        for role in roles:
+            for index in range(self.layer_count(model.config, role)):
+                path = self.site_path(role, index)
+                module = base.get_submodule(path)
+                if getattr(module, "variant", None) == "mha":  # converted (or trained-as-MLA) layers are left alone
+                    found.append(AttentionSite(path, module, index, role))
         return found
 
     def read_weights(self, site: AttentionSite, config) -> AttentionWeights:
         module = site.module
         relative = module.position_mode == "relative"
         return AttentionWeights(
-            geometry=attention_geometry(config),
-            position_mode=config.position_mode,
+            geometry=self.attention_geometry(config, site.role),
+            position_mode=self.position_mode(config, site.role),
             q_weight=module.q_proj.weight.detach(),
             q_bias=linear_bias(module.q_proj),
             k_weight=module.k_proj.weight.detach(),
@@ -82,7 +90,11 @@ class ConformerAdapter(HostAdapter):
 
     def build_module(self, config, layer_spec: LayerSpec, site: AttentionSite) -> nn.Module:
         return build_attention(
-            layer_spec, attention_geometry(config), config.position_mode, config, dropout=config.attention_dropout
+            layer_spec,
+            self.attention_geometry(config, site.role),
+            self.position_mode(config, site.role),
+            config,
+            dropout=config.attention_dropout,
         )
 
     def attention_of(self, replacement: nn.Module) -> ConvertedAttention:
@@ -90,7 +102,9 @@ class ConformerAdapter(HostAdapter):
 
     def site_inputs(self, site: AttentionSite, args: tuple, kwargs: dict) -> SiteInputs:
         hidden_states = kwargs.get("hidden_states", args[0] if args else None)
-        return SiteInputs(hidden_states, hidden_states, kwargs.get("position_embeddings"))
+        key_value_states = kwargs.get("key_value_states")  # cross-attention (the Paraformer's decoder)
+        key_value = hidden_states if key_value_states is None else key_value_states
+        return SiteInputs(hidden_states, key_value, kwargs.get("position_embeddings"))
 
     def calibration_inputs(self, model: nn.Module, processor, rows: list[dict], use_text: bool) -> Iterator[dict]:
         extractor = getattr(processor, "feature_extractor", processor)

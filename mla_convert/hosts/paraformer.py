@@ -13,17 +13,17 @@ import transformers
 from torch import nn
 
 from ..modeling import modeling_paraformer as modeling
-from ..modeling.attention_base import AttentionGeometry, LayerSpec
-from ..modeling.attention_build import build_attention
-from ..modeling.configuration_conformer import attention_layer_dict
+from ..modeling.attention_base import AttentionGeometry
 from ..modeling.configuration_paraformer import ROLE_PATHS, ParaformerConfig
 from ..modeling.feature_extraction_conformer import ConformerFeatureExtractor
 from ..modeling.tokenization_paraformer import ParaformerTokenizer
-from .base import AttentionSite, AttentionWeights, SiteInputs, linear_bias
 from .conformer import ConformerAdapter
 
 
 class ParaformerAdapter(ConformerAdapter):
+    """The Conformer adapter with three roles: the decoder's attention has its own head count and
+    no positions; finding, reading, building and calibrating sites are the Conformer's."""
+
     name = "paraformer"
     roles = ("encoder", "decoder", "cross")
     default_roles = ("encoder", "decoder", "cross")
@@ -48,56 +48,7 @@ class ParaformerAdapter(ConformerAdapter):
         return config.position_mode if role == "encoder" else "none"
 
     def layer_attention(self, config, path: str) -> dict | None:
-        converted = ((getattr(config, "attention_conversion", None) or {}).get("layers") or {}).get(path)
-        return converted or attention_layer_dict(config.role_attention(config.role_of(path)))
-
-    def sites(self, model: nn.Module, roles: tuple[str, ...]) -> list[AttentionSite]:
-        base = self.base_model(model)
-        found = []
-        for role in roles:
-            for index in range(self.layer_count(model.config, role)):
-                path = self.site_path(role, index)
-                module = base.get_submodule(path)
-                if getattr(module, "variant", None) == "mha":
-                    found.append(AttentionSite(path, module, index, role))
-        return found
-
-    def read_weights(self, site: AttentionSite, config) -> AttentionWeights:
-        module = site.module
-        relative = module.position_mode == "relative"
-        return AttentionWeights(
-            geometry=self.attention_geometry(config, site.role),
-            position_mode=self.position_mode(config, site.role),
-            q_weight=module.q_proj.weight.detach(),
-            q_bias=linear_bias(module.q_proj),
-            k_weight=module.k_proj.weight.detach(),
-            k_bias=linear_bias(module.k_proj),
-            v_weight=module.v_proj.weight.detach(),
-            v_bias=linear_bias(module.v_proj),
-            o_weight=module.out_proj.weight.detach(),
-            o_bias=linear_bias(module.out_proj),
-            pos_weight=module.pos_proj.weight.detach() if relative else None,
-            pos_bias_u=module.pos_bias_u.detach() if relative else None,
-            pos_bias_v=module.pos_bias_v.detach() if relative else None,
-        )
-
-    def build_module(self, config, layer_spec: LayerSpec, site: AttentionSite) -> nn.Module:
-        return build_attention(
-            layer_spec,
-            self.attention_geometry(config, site.role),
-            self.position_mode(config, site.role),
-            config,
-            dropout=config.attention_dropout,
-        )
-
-    def site_inputs(self, site: AttentionSite, args: tuple, kwargs: dict) -> SiteInputs:
-        hidden_states = kwargs.get("hidden_states", args[0] if args else None)
-        key_value_states = kwargs.get("key_value_states")
-        return SiteInputs(
-            hidden_states,
-            hidden_states if key_value_states is None else key_value_states,
-            kwargs.get("position_embeddings"),
-        )
+        return config.layer_attention(path)  # converted, else the role's trained choice
 
     def calibration_inputs(self, model: nn.Module, processor, rows: list[dict], use_text: bool) -> Iterator[dict]:
         """One forward per utterance: label-free, the predictor's own token count (what decoding

@@ -528,7 +528,6 @@ def check_mel_matrix(state: dict[str, Any], extractor: Any) -> float | None:
 
 
 def _build_model(mapping: EncoderMapping, vocab_size: int, extra: dict[str, Any], state: dict[str, Any]):
-    import torch
 
     from ..modeling.configuration_branchformer import BranchformerConfig
     from ..modeling.configuration_conformer import ConfigValueError, ConformerConfig
@@ -543,17 +542,24 @@ def _build_model(mapping: EncoderMapping, vocab_size: int, extra: dict[str, Any]
         config = config_class(vocab_size=vocab_size, pad_token_id=0, **mapping.kwargs, **extra)
     except ConfigValueError as error:
         raise EspnetFormatError(f"encoder_conf: {error}") from error
-    model = model_class(config)
+    return load_checked_state(model_class(config), state, EspnetFormatError, "encoder_conf")
+
+
+def load_checked_state(model, state: dict, error: type[Exception], settings: str):
+    """``model`` (eval mode) with exactly ``state`` loaded, as float32; a missing, unexpected or
+    misshapen weight is one ``error`` line saying the checkpoint does not fit ``settings``."""
+    import torch
+
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         detail = f"no weights for {missing[0]}" if missing else f"unexpected weights {unexpected[0]}"
-        raise EspnetFormatError(f"the checkpoint does not fit encoder_conf ({detail})")
+        raise error(f"the checkpoint does not fit {settings} ({detail})")
     for key, tensor in expected.items():
         if tuple(state[key].shape) != tuple(tensor.shape):
-            raise EspnetFormatError(
-                f"the checkpoint does not fit encoder_conf ({key}: {tuple(state[key].shape)} vs {tuple(tensor.shape)})"
+            raise error(
+                f"the checkpoint does not fit {settings} ({key}: {tuple(state[key].shape)} vs {tuple(tensor.shape)})"
             )
     float_state = {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
     with torch.no_grad():

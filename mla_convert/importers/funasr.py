@@ -71,6 +71,7 @@ from .espnet import (
     cmvn_settings,
     encoder_settings,
     frontend_settings,
+    load_checked_state,
     rename_key,
 )
 
@@ -360,8 +361,7 @@ def map_state_dict(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int
 
 
 def _build_model(kwargs: dict[str, Any], state: dict[str, Any]):
-    import torch
-
+    """The ``ParaformerForASR`` of the mapped settings with exactly the mapped weights."""
     from ..modeling.configuration_conformer import ConfigValueError
     from ..modeling.configuration_paraformer import ParaformerConfig
     from ..modeling.modeling_paraformer import ParaformerForASR
@@ -370,22 +370,7 @@ def _build_model(kwargs: dict[str, Any], state: dict[str, Any]):
         config = ParaformerConfig(**kwargs)
     except ConfigValueError as error:
         raise FunasrFormatError(f"config.yaml: {error}") from error
-    model = ParaformerForASR(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        detail = f"no weights for {missing[0]}" if missing else f"unexpected weights {unexpected[0]}"
-        raise FunasrFormatError(f"the checkpoint does not fit config.yaml ({detail})")
-    for key, tensor in expected.items():
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise FunasrFormatError(
-                f"the checkpoint does not fit config.yaml ({key}: {tuple(state[key].shape)} vs {tuple(tensor.shape)})"
-            )
-    float_state = {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
-    with torch.no_grad():
-        model.load_state_dict(float_state, strict=True)
-    return model.eval()
+    return load_checked_state(ParaformerForASR(config), state, FunasrFormatError, "config.yaml")
 
 
 # ------------------------------------------------------------------------------------------- import

@@ -181,22 +181,25 @@ def read_token_list(config: dict, config_path: Path) -> list[str]:
     return tokens
 
 
-def read_state_dict(path: Path) -> dict[str, Any]:
-    """The model state dict of an ESPnet checkpoint (tensors only; ``weights_only`` unpickling)."""
+def read_state_dict(path: Path, error: type[Exception] = EspnetFormatError) -> dict[str, Any]:
+    """The model state dict of a checkpoint (tensors only; ``weights_only`` unpickling): a plain
+    state dict, or a training snapshot's ``model`` / ``state_dict`` entry; DDP's ``module.``
+    prefixes dropped. Anything else is one ``error`` line."""
     import torch
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise EspnetFormatError(f"{path}: not a readable PyTorch checkpoint ({reason})") from error
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]  # a training snapshot (checkpoint.pth): model, optimizers, ...
+    except Exception as failure:
+        reason = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
+        raise error(f"{path}: not a readable PyTorch checkpoint ({reason})") from failure
+    for entry in ("model", "state_dict"):  # a training snapshot (checkpoint.pth): model, optimizers, ...
+        if isinstance(state, Mapping) and isinstance(state.get(entry), Mapping):
+            state = state[entry]
     if not isinstance(state, Mapping) or not state:
-        raise EspnetFormatError(f"{path}: expected a state dict (parameter name -> tensor)")
+        raise error(f"{path}: expected a state dict (parameter name -> tensor)")
     if not all(isinstance(value, torch.Tensor) for value in state.values()):
-        raise EspnetFormatError(f"{path}: expected a state dict of tensors only")
-    return dict(state)
+        raise error(f"{path}: expected a state dict of tensors only")
+    return {key.removeprefix("module."): value for key, value in state.items()}
 
 
 # ------------------------------------------------------------------------------------- the settings

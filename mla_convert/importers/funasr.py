@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +73,7 @@ from .espnet import (
     load_checked_state,
     rename_key,
 )
+from .espnet import read_state_dict as espnet_state_dict
 
 PROVENANCE_FILE = "funasr_import.json"
 MODELS = ("Paraformer",)
@@ -209,24 +209,8 @@ def read_token_list(config: dict, config_path: Path) -> list[str]:
 
 
 def read_state_dict(path: Path) -> dict[str, Any]:
-    """The state dict of ``model.pt`` (tensors only; ``weights_only`` unpickling)."""
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise FunasrFormatError(f"{path}: not a readable PyTorch checkpoint ({reason})") from error
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]  # a training checkpoint: model, optimizers, ...
-    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping) or not state:
-        raise FunasrFormatError(f"{path}: expected a state dict (parameter name -> tensor)")
-    state = {key.removeprefix("module."): value for key, value in state.items()}  # DDP-saved
-    if not all(isinstance(value, torch.Tensor) for value in state.values()):
-        raise FunasrFormatError(f"{path}: expected a state dict of tensors only")
-    return state
+    """The state dict of ``model.pt``: the ESPnet importer's reader, with this importer's errors."""
+    return espnet_state_dict(path, FunasrFormatError)
 
 
 # -------------------------------------------------------------------------------------- settings

@@ -236,6 +236,42 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from .io import atomic_file
+    from .profiling import format_profile, profile_models
+    from .profiling.profile import check_settings
+
+    check_settings(args.seconds, args.batch_size, args.new_tokens, args.repeats)
+    output = Path(args.output or f"results/profile-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    if output.is_dir():
+        raise MlaConvertError(f"--output {output} is a directory; it must name a JSON file")
+    payload = profile_models(
+        args.models,
+        seconds=args.seconds,
+        batch_size=args.batch_size,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        device=args.device,
+        fp16=args.fp16,
+        progress=not args.quiet,
+        remote_code=not args.installed_classes,
+    )
+    print(format_profile(payload))
+    with atomic_file(output) as temporary:
+        temporary.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {output}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .profiling import compare_results
+
+    written = compare_results(args.inputs, args.output, baseline=args.baseline)
+    print((Path(args.output) / "summary.md").read_text(encoding="utf-8"))
+    print(f"wrote {', '.join(str(path) for path in written)}")
+    return 0
+
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from .finetuning import FinetuneConfig, check_data, finetune, format_summary, parse_test_splits
 
@@ -532,6 +568,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--checkpoints-dir", type=Path, default=Path("checkpoints/demo"))
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_cmd_demo)
+
+    profile = sub.add_parser(
+        "profile", help="measure K/V-state bytes (against the formula), forward time, memory and decode speed"
+    )
+    profile.add_argument("models", nargs="+", help="model directories, Hub ids or bundled:whisper-tiny.en")
+    profile.add_argument("--seconds", type=float, nargs="+", default=[5.0, 20.0, 60.0], help="input lengths (s)")
+    profile.add_argument("--batch-size", type=int, default=1, help="utterances per forward / generate (default 1)")
+    profile.add_argument(
+        "--new-tokens", type=int, nargs="+", default=[200], help="tokens each decoder generates (default 200)"
+    )
+    profile.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; the median is kept")
+    profile.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    profile.add_argument("--fp16", action="store_true", help="half precision (CUDA)")
+    profile.add_argument("--output", help="JSON file to write (default results/profile-<time>.json)")
+    profile.add_argument(
+        "--installed-classes", action="store_true", help="run converted models with the installed mla_convert classes"
+    )
+    profile.add_argument("--quiet", action="store_true", help="no progress bar")
+    profile.set_defaults(handler=_cmd_profile)
+
+    compare = sub.add_parser(
+        "compare", help="merge evaluation / conversion / fine-tuning / profile JSONs into a table and plots"
+    )
+    compare.add_argument("inputs", nargs="+", help="JSON files (e.g. results/*.json); others are skipped")
+    compare.add_argument(
+        "--output", default="results/comparison", help="directory for comparison.csv, summary.md, PNGs"
+    )
+    compare.add_argument("--baseline", help="the model changes are relative to (default: the first unconverted one)")
+    compare.set_defaults(handler=_cmd_compare)
 
     ft = sub.add_parser("finetune", help="fine-tune a (converted) model with transformers.Trainer, then evaluate it")
     ft.add_argument(

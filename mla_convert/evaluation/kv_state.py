@@ -10,7 +10,7 @@ import torch
 from ..errors import UnsupportedModelError
 from ..hosts import adapter_for_config
 from ..modeling.attention_base import AttentionGeometry
-from ..modeling.attention_build import state_values
+from ..modeling.attention_build import layer_spec_from_dict, state_values, variant_class
 
 
 def _attention_layout(config, converted: dict) -> dict[str, tuple[str, AttentionGeometry]]:
@@ -42,6 +42,25 @@ def _layer_attention(config) -> tuple[dict, bool]:
     return {path: adapter.layer_attention(config, path) for path in layout}, True
 
 
+def layer_state_bytes(config, dtype: torch.dtype = torch.float32) -> dict[str, dict]:
+    """Per attention layer, by its variant's formula: ``{path: {role, attention, bytes_per_position,
+    fixed_bytes}}`` (``fixed_bytes``: held per sequence whatever its length, linear attention's sums;
+    a position is a frame of what the layer's keys come from: encoder frames for cross-attention)."""
+    layers, _ = _layer_attention(config)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    rows = {}
+    for path, (role, geometry) in _attention_layout(config, layers).items():
+        layer = layers.get(path)
+        spec = layer_spec_from_dict(layer) if layer else None
+        rows[path] = {
+            "role": role,
+            "attention": spec.attention if spec else "mha",
+            "bytes_per_position": state_values(layer, geometry) * itemsize,
+            "fixed_bytes": variant_class(spec.attention).fixed_values(spec, geometry) * itemsize if spec else 0,
+        }
+    return rows
+
+
 def attention_report(config, dtype: torch.dtype = torch.float32) -> dict:
     """Attention spec and K/V-state bytes per frame of a converted model (or of one of mla_convert's
     own models, whose config chooses its attention); nulls for any other model.
@@ -59,11 +78,11 @@ def attention_report(config, dtype: torch.dtype = torch.float32) -> dict:
     itemsize = torch.empty((), dtype=dtype).element_size()
     total = mha = 0
     by_role: dict[str, int] = {}
-    for path, (role, geometry) in _attention_layout(config, layers).items():
-        values = state_values(layers.get(path), geometry)
-        total += values * itemsize
-        mha += state_values(None, geometry) * itemsize
-        by_role[role] = by_role.get(role, 0) + values * itemsize
+    layout = _attention_layout(config, layers)
+    for path, row in layer_state_bytes(config, dtype).items():
+        total += row["bytes_per_position"]
+        mha += state_values(None, layout[path][1]) * itemsize
+        by_role[row["role"]] = by_role.get(row["role"], 0) + row["bytes_per_position"]
     return {
         "attention": conversion.get("spec") or (getattr(config, "attention", None) if chooses else None),
         "converted_layers": len(conversion.get("layers") or {}),

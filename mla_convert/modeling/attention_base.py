@@ -71,6 +71,23 @@ class LayerSpec:
         return cls(**{key: value for key, value in data.items() if key in known})
 
 
+def fold_groups(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``[B, H, Tq, d]`` queries as ``[B, H_kv, G·Tq, d]``: the ``G = H / H_kv`` query heads that
+    share one key/value head become extra query rows of it, so no key or value is ever repeated
+    (head ``h`` reads key/value head ``h // G``; row ``g·Tq + t`` is query ``t`` of head ``kv·G + g``)."""
+    batch, heads, length, dim = query.shape
+    return query.reshape(batch, kv_heads, (heads // kv_heads) * length, dim)
+
+
+def fold_mask(mask: torch.Tensor | None, kv_heads: int, groups: int, query_length: int) -> torch.Tensor | None:
+    """A ``[B, 1 or H, Tq, Tk]`` mask (or score bias) laid out for :func:`fold_groups`' rows."""
+    if mask is None or groups == 1:
+        return mask
+    if mask.shape[1] == 1:
+        return mask if mask.shape[2] == 1 else mask.repeat(1, 1, groups, 1)
+    return mask.reshape(mask.shape[0], kv_heads, groups * query_length, mask.shape[-1])
+
+
 def eager_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -82,23 +99,74 @@ def eager_attention(
     position_bias: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference softmax attention; accepts fewer K/V heads than query heads (GQA)."""
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    """Reference softmax attention; accepts fewer K/V heads than query heads (GQA, and absorbed
+    MLA's single latent "head"), whose query heads are folded onto their K/V head, not repeated."""
+    batch, heads, length, _ = query.shape
+    kv_heads, key_length = key.shape[1], key.shape[2]
+    scores = torch.matmul(fold_groups(query, kv_heads), key.transpose(2, 3)) * scaling
+    scores = scores.view(batch, heads, length, key_length)
     if position_bias is not None:
         scores = scores + position_bias
+    if attention_mask is None and getattr(module, "is_causal", False) and length > 1:
+        attention_mask = module.causal_mask(length, key_length, query.device)  # no mask: the kernels' rule
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            scores = scores.masked_fill(~attention_mask[..., :key_length], torch.finfo(scores.dtype).min)
         else:
-            scores = scores + attention_mask[..., : key.shape[2]]
+            scores = scores + attention_mask[..., :key_length]
     weights = nn.functional.softmax(scores, dim=-1)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    output = torch.matmul(weights.view(batch, kv_heads, -1, key_length), value)
+    output = output.view(batch, heads, length, value.shape[-1]).transpose(1, 2).contiguous()
     return output, weights
+
+
+_SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def grouped_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    position_bias: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """PyTorch's fused attention with fewer K/V heads than query heads, K/V never repeated.
+
+    Unmasked causal prefill uses the kernel's own grouped heads (``enable_gqa``, so flash kernels
+    stay eligible); otherwise the query heads are folded onto their K/V head (:func:`fold_groups`),
+    which any kernel and torch release runs, and which is how a single-token decode step or an
+    absorbed MLA (one latent "head") reads its cache.
+    """
+    batch, heads, length, _ = query.shape
+    kv_heads, key_length = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    mask = None if attention_mask is None else attention_mask[..., :key_length]
+    if position_bias is not None:
+        mask = with_score_bias(mask, position_bias)
+    causal = mask is None and getattr(module, "is_causal", False) and length > 1
+    dropout = dropout if module.training else 0.0
+    if causal and length == key_length and _SDPA_HAS_GQA:
+        output = nn.functional.scaled_dot_product_attention(
+            query, key, value, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=groups > 1
+        )
+        return output.transpose(1, 2).contiguous(), None
+    if causal:
+        mask = module.causal_mask(length, key_length, query.device)
+    output = nn.functional.scaled_dot_product_attention(
+        fold_groups(query, kv_heads),
+        key,
+        value,
+        attn_mask=fold_mask(mask, kv_heads, groups, length),
+        dropout_p=dropout,
+        scale=scaling,
+    )
+    output = output.view(batch, heads, length, value.shape[-1])
+    return output.transpose(1, 2).contiguous(), None
 
 
 def with_score_bias(attention_mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
@@ -300,9 +368,31 @@ class ConvertedAttention(nn.Module, ABC):
         """Softmax attention over the keys/values rebuilt from ``state``; ``[B, T, H, d]`` out."""
         key, value = self.expand_state(state, rotary)
         query, position_bias = self.content_query_and_bias(query, key.shape[2], position_embeddings)
-        implementation = getattr(self.config, "_attn_implementation", None) or "eager"
-        attention = eager_attention if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
-        if position_bias is not None and attention is not eager_attention:
+        return self.softmax_attention(query, key, value, attention_mask, position_bias, **kwargs)
+
+    @property
+    def attention_implementation(self) -> str:
+        return getattr(self.config, "_attn_implementation", None) or "eager"
+
+    def softmax_attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_bias: torch.Tensor | None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The kernel the config asks for (eager, SDPA, ...) on ``[B, H, Tq, d]`` queries and
+        ``[B, H_kv, Tk, d]`` keys/values; grouped heads go to the kernels here, never repeated."""
+        implementation = self.attention_implementation
+        if implementation == "eager":
+            attention = eager_attention
+        elif implementation == "sdpa" and key.shape[1] != query.shape[1]:
+            attention = grouped_sdpa_attention
+        else:
+            attention = ALL_ATTENTION_FUNCTIONS[implementation]
+        if position_bias is not None and attention not in (eager_attention, grouped_sdpa_attention):
             # kernels such as SDPA take no score bias: the relative-position term joins the mask
             attention_mask, position_bias = with_score_bias(attention_mask, position_bias), None
         kwargs.pop("output_attentions", None)

@@ -15,6 +15,14 @@ path up-projects the latent back to the input space (``k_up``), applies the rota
 trained key projection (``k_proj``). With ``latent_dim = hidden_size`` and an orthonormal
 down-projection, ``k_up(kv_down(x)) = x`` and the module is exact; below that it keeps the input
 subspace that matters most to ``[W_k; W_v]``. Values stay ``W_uv c`` as in the other modes.
+
+Absorbed inference (DeepSeek-V2's serving form): ``q_h · (W_uk,h c + b_k,h) = (W_uk,hᵀ q_h) · c + const``
+and ``Σ p W_uv,h c + b_v,h = W_uv,h (Σ p c) + b_v,h``, so scores and the weighted sum can be taken on
+the latent itself, as one key/value "head" shared by every query head, and nothing is expanded.
+It is chosen per call when it needs fewer multiply-adds (a few queries against a long cache: a
+decoder step, cross-attention to 1500 encoder frames), never in training, and not for rotary
+hosts (whose keys are rotated between the up-projection and the key projection).
+``config.mla_absorb`` = ``"auto"`` (default), ``"always"`` or ``"never"`` overrides the choice.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from .attention_base import AttentionGeometry, ConvertedAttention, LayerSpec
 from .attention_positions import rotate_input
 
 LATENT_LAYOUTS = ("joint", "split")
+ABSORB_MODES = ("auto", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -105,3 +114,54 @@ class MultiHeadLatentAttention(ConvertedAttention):
             key = self.k_proj(rotate_input(key, rotary, self.num_heads))
         value = self.v_up(self._value_latent(latent))
         return self.split_heads(key), self.split_heads(value)
+
+    # -- absorbed inference -------------------------------------------------------------------
+    def absorbs(self, query_length: int, key_length: int) -> bool:
+        """Whether this call runs on the latent (see the module docstring): the multiply-adds of
+        expanding ``Tk`` latents and attending in the model width, against folding ``W_uk`` into
+        ``Tq`` queries and attending in the latent width of every head."""
+        mode = getattr(self.config, "mla_absorb", None) or "auto"
+        if mode not in ABSORB_MODES:
+            raise ValueError(f"mla_absorb must be one of {ABSORB_MODES}, got {mode!r}")
+        if mode == "never" or self.training or self.position_mode == "rotary":
+            return False
+        if self.attention_implementation not in ("eager", "sdpa"):
+            return False
+        if mode == "always":
+            return True
+        part = self.latent_dim if self.latent_layout == "joint" else self.latent_dim // 2
+        hidden = self.geometry.hidden_size
+        expanded = 2 * key_length * part * hidden + 2 * query_length * key_length * hidden
+        absorbed = 2 * query_length * part * hidden + 2 * query_length * key_length * self.num_heads * part
+        return absorbed < expanded
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        state: tuple[torch.Tensor, ...],
+        attention_mask: torch.Tensor | None,
+        position_embeddings: torch.Tensor | None,
+        rotary: torch.Tensor | None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        latent = state[0]
+        if not self.absorbs(query.shape[2], latent.shape[2]):
+            return super().attend(query, state, attention_mask, position_embeddings, rotary, **kwargs)
+        heads, head_dim = self.num_heads, self.head_dim
+        query, position_bias = self.content_query_and_bias(query, latent.shape[2], position_embeddings)
+        # W_uk folded into the queries: [B, H, Tq, d] @ [H, d, d_c] (k_up's bias only shifts a
+        # query's scores by a constant, which the softmax ignores)
+        folded = torch.matmul(query, self.k_up.weight.view(heads, head_dim, -1))
+        summed, weights = self.softmax_attention(
+            folded,
+            self._key_latent(latent).contiguous(),
+            self._value_latent(latent).contiguous(),
+            attention_mask,
+            position_bias,
+            **kwargs,
+        )
+        # W_uv applied after the weighted sum: [B, H, Tq, d_c] @ [H, d_c, d]
+        output = torch.matmul(summed.transpose(1, 2), self.v_up.weight.view(heads, head_dim, -1).transpose(1, 2))
+        if self.v_up.bias is not None:
+            output = output + self.v_up.bias.view(heads, 1, head_dim)
+        return output.transpose(1, 2), weights

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .data.holdout import EVALUATION_SPLITS
+from .distributed import rank_label
 from .errors import MlaConvertError
 from .specs import GQASpec, LinearSpec, MLASpec
 
@@ -146,8 +147,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("mla-convert: interrupted; run the same command again to resume from the .jsonl journal", file=sys.stderr)
         return 130
-    print(format_results(payload))
-    print(f"wrote {output} (per-utterance lines in {output.with_suffix('.jsonl')})")
+    from .distributed import is_main
+
+    if is_main():  # under a launcher, rank 0 merged the ranks' journals and wrote the JSON
+        print(format_results(payload))
+        print(f"wrote {output} (per-utterance lines in {output.with_suffix('.jsonl')})")
     return 0
 
 
@@ -692,16 +696,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         bad_input = error if isinstance(error, MlaConvertError) else _bad_input(error, args)
         if debug:
             traceback.print_exc()
+        if _peer_lost(error):  # another rank failed first and said why; the launcher stops this one
+            return 1
+        rank = rank_label()  # under a launcher: which rank failed
         if bad_input is not None:
-            print(f"mla-convert: error: {bad_input}", file=sys.stderr)
+            print(f"mla-convert: {rank}error: {bad_input}", file=sys.stderr)
             return 2
         if debug:
             return 1
-        print(f"mla-convert: internal error: {_first_line(error)} ({_log_traceback(error)})", file=sys.stderr)
+        print(f"mla-convert: {rank}internal error: {_first_line(error)} ({_log_traceback(error)})", file=sys.stderr)
         return 1
 
 
 # ----------------------------------------------------------------------------------- errors and logs
+
+
+def _peer_lost(error: BaseException) -> bool:
+    """Under a launcher, a collective broken because another rank exited (its own error line is
+    the one to read): not a second error to report."""
+    from .distributed import is_distributed
+
+    if not is_distributed():
+        return False
+    message = str(error)
+    return type(error).__name__ == "DistBackendError" or any(
+        text in message for text in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    )
 
 
 def _first_line(error: BaseException) -> str:

@@ -14,8 +14,8 @@ seeded random weights) converted to MLA (latent 512 and 256), GQA (kv 4) and lin
 forward of ``--seconds`` of audio each. Targets: MLA and GQA <= 1.0 at 20 s; linear at least
 1.5x faster (ratio <= 0.67) at 60 s.
 
-    python scripts/bench_attention.py                     # everything (CPU: about 25 min)
-    python scripts/bench_attention.py --only whisper-tiny --repeats 3
+    python scripts/bench_attention.py                     # everything (2-core CPU: about 25 min)
+    python scripts/bench_attention.py --only whisper-tiny --repeats 5
 
 Nothing else should run meanwhile. Prints the table; writes ``results/bench_attention.md`` and
 ``results/bench_attention.json``.
@@ -189,7 +189,13 @@ def main() -> None:
     parser.add_argument("--latent-dim", type=int, default=192, help="Whisper MLA latent")
     parser.add_argument("--kv-heads", type=int, default=2, help="Whisper GQA K/V heads")
     parser.add_argument("--seconds", type=float, nargs="+", default=[20.0, 60.0], help="conformer input lengths")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant (median), after a warm-up")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="tiny.en: timed runs per variant (median), after a warm-up"
+    )
+    parser.add_argument("--large-repeats", type=int, default=1, help="large-v3 decoder: timed runs per variant")
+    parser.add_argument(
+        "--forward-repeats", type=int, default=1, help="conformer: timed forwards per variant and length"
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "bench_attention")
     args = parser.parse_args()
 
@@ -204,7 +210,8 @@ def main() -> None:
         if section not in args.only:
             continue
         models = whisper_variants(build(), args.latent_dim, args.kv_heads)
-        times = time_decode(models, args.batch_size, args.new_tokens, args.repeats)
+        repeats = args.repeats if section == "whisper-tiny" else args.large_repeats
+        times = time_decode(models, args.batch_size, args.new_tokens, repeats)
         target = decode_targets[section]
         rows += ratio_rows(section, setting, times, {"MLA": target, "GQA": target})
         print(markdown(rows, machine), flush=True)
@@ -215,7 +222,7 @@ def main() -> None:
         for seconds in args.seconds:
             with torch.inference_mode():
                 time_forward(models, min(seconds, 2.0), 1)  # warm-up
-            times = time_forward(models, seconds, args.repeats)
+            times = time_forward(models, seconds, args.forward_repeats)
             target = {"MLA": 1.0, "GQA": 1.0} if seconds <= 20 else {"linear": 1 / 1.5}
             rows += ratio_rows("wav2vec2-conformer 0.6B", f"forward {seconds:g} s", times, target)
             print(markdown(rows, machine), flush=True)

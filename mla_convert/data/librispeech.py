@@ -223,6 +223,7 @@ def librispeech(
     limit: int | None = None,
     exclude_ids: Collection[str] | None = None,
     keep_unreadable: bool = False,
+    shard: tuple[int, int] | None = None,
 ):
     """A LibriSpeech subset as a streaming ``datasets.IterableDataset``.
 
@@ -232,6 +233,9 @@ def librispeech(
     Unreadable audio (a corrupt or missing file, NaN or infinite samples) is skipped with a logged
     warning naming the file; with ``keep_unreadable`` such rows come
     through instead with ``audio=None`` and the reason in ``error``, so a caller can count them.
+    ``shard=(rank, world_size)`` keeps one process's share of what is left
+    (``datasets.distributed.split_dataset_by_node``: whole Hub shards when their count divides by
+    the world size, else every ``world_size``-th utterance), before any audio is decoded.
     """
     from datasets import IterableDataset
 
@@ -249,6 +253,10 @@ def librispeech(
     if exclude_ids:
         excluded = frozenset(exclude_ids)
         dataset = dataset.filter(lambda row: row["id"] not in excluded)
+    if shard is not None and shard[1] > 1:
+        from datasets.distributed import split_dataset_by_node
+
+        dataset = split_dataset_by_node(dataset, rank=shard[0], world_size=shard[1])
     # Extra Hub columns (file, speaker_id, chapter_id) go in the decode map: ``remove_columns`` on a
     # stream whose features hold an Audio column re-encodes every row, which imports torchcodec.
     extra = [name for name in (dataset.column_names or []) if name not in {"id", "text", "audio"}]

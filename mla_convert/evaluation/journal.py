@@ -70,6 +70,35 @@ def journal_path(output: Path) -> Path:
     return output.with_suffix(".jsonl")
 
 
+def rank_journal_path(output: Path, rank: int) -> Path:
+    """The journal one process writes: ``<output>.jsonl`` for a one-process run and rank 0 of a
+    launched one, ``<output>.rank<r>.jsonl`` for rank r > 0."""
+    return journal_path(output) if rank == 0 else output.with_name(f"{output.stem}.rank{rank}.jsonl")
+
+
+def rank_journal_paths(output: Path) -> list[Path]:
+    """The journals ranks > 0 of any earlier launched run of ``output`` wrote, in rank order."""
+    found = []
+    for path in output.parent.glob(f"{output.stem}.rank*.jsonl"):
+        number = path.name[len(output.stem) + len(".rank") : -len(".jsonl")]
+        if number.isdigit():
+            found.append((int(number), path))
+    return [path for _, path in sorted(found)]
+
+
+def read_run_records(output: Path) -> list[dict]:
+    """Every record of the run at ``output``, one process's or many ranks' journals merged: the
+    header once (first), then rank 0's records, then each other rank's. An utterance is scored in
+    one journal only; a later record of the same id (a resumed run) wins when they are summarised."""
+    merged = Journal(journal_path(output)).read()
+    for path in rank_journal_paths(output):
+        records = Journal(path).read()
+        if not merged and records:
+            merged = records[:1] if journal_header(records) else []
+        merged.extend(record for record in records if record.get("type") != "run")
+    return merged
+
+
 def journal_header(records: list[dict]) -> dict | None:
     return records[0] if records and records[0].get("type") == "run" else None
 

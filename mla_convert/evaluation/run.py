@@ -22,6 +22,7 @@ from ..data import (
     resolve_source,
     source_label,
 )
+from ..distributed import barrier, broadcast, device_for_rank, gather, init_process_group, rank, world_size
 from ..io import transformers_progress_bars
 from .batching import Prefetcher, length_sorted_batches, utterance_records
 from .errors import EvaluationError
@@ -31,7 +32,8 @@ from .journal import (
     check_output,
     default_output,
     journal_header,
-    journal_path,
+    rank_journal_path,
+    read_run_records,
     run_config,
     write_json_atomic,
 )
@@ -81,9 +83,14 @@ def _evaluate_split(
     calibrated: frozenset[str] = frozenset(),
 ) -> None:
     done = {r["id"] for r in previous if r.get("type") in {"utterance", "unreadable"}}
-    dataset = librispeech(split, source, asr.sampling_rate, limit=limit, exclude_ids=done, keep_unreadable=True)
+    world, me = world_size(), rank()
+    dataset = librispeech(
+        split, source, asr.sampling_rate, limit=limit, exclude_ids=done, keep_unreadable=True, shard=(me, world)
+    )
     known = count_utterances(split, source)
     total = min(limit, known) if (limit and known) else (limit or known)
+    if world > 1 and total is not None:  # this rank's share of what is left (the bar is rank 0's)
+        total = len(done) + -(-(total - len(done)) // world)
     running = _Progress()
     for record in previous:
         if record.get("type") == "utterance":
@@ -143,9 +150,13 @@ def _evaluate_split(
     finally:
         prefetch.close()
         bar.close()
-    peak, peak_kind = peak_memory(asr.device)
-    journal.append([{"type": "done", "model": asr.model_id, "split": split, "peak_memory_bytes": peak,
-                     "peak_memory_kind": peak_kind, "device": str(asr.device)}])  # fmt: skip
+    # every rank's peak; the split is done once all ranks are (rank 0 records it, after them all)
+    peaks = gather(peak_memory(asr.device))
+    if me == 0:
+        known_peaks = [peak for peak, _ in peaks if peak is not None]
+        journal.append([{"type": "done", "model": asr.model_id, "split": split,
+                         "peak_memory_bytes": max(known_peaks) if known_peaks else None,
+                         "peak_memory_kind": peaks[0][1], "device": str(asr.device), "world_size": world}])  # fmt: skip
 
 
 def summarize(records: list[dict]) -> dict:
@@ -225,7 +236,10 @@ def evaluate_models(
     splits = list(dict.fromkeys(splits))
     for split in splits:
         check_split(split)
-    torch_device = resolve_device(device)
+    torch_device = device_for_rank(resolve_device(device))
+    init_process_group(torch_device)
+    world, me = world_size(), rank()
+    progress = progress and me == 0
     if fp16 and torch_device.type == "cpu":
         logger.warning("--fp16 on the CPU: float16 kernels are slow there and may be missing; consider cuda")
     models = list(dict.fromkeys(models))
@@ -243,9 +257,14 @@ def evaluate_models(
     if not remote_code:  # only when not the default, so journals of earlier versions still resume
         config["installed_classes"] = True
     output = Path(output) if output is not None else default_output(config, results_dir)
+    output = Path(broadcast(str(output)))  # one name for all ranks (a default one is timed)
     check_output(output)
-    journal = Journal(journal_path(output))
-    records = journal.read()
+    # every rank reads every journal of the run (its own, and those of ranks of any earlier
+    # launch), so all agree on what is left before any of them writes
+    records = read_run_records(output)
+    barrier()
+    journal = Journal(rank_journal_path(output, me))
+    own_records = journal.read()
     header = journal_header(records)
     if records and header is None:
         raise EvaluationError(f"{journal.path} is not an evaluation journal; choose another --output")
@@ -260,15 +279,17 @@ def evaluate_models(
     new_folders = [folder for folder in (output.parent, *output.parent.parents) if not folder.exists()]
     try:
         if header is None:
-            created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            created = broadcast(datetime.now(timezone.utc).isoformat(timespec="seconds"))
             header = {"type": "run", "format_version": JOURNAL_VERSION, "created": created, "config": config}
-            journal.append([header])
             records = [header]
+        if not own_records:  # a rank's journal starts with the run's header too: each file stands alone
+            journal.append([header])
         resumed = sum(1 for r in records if r.get("type") == "utterance")
-        if resumed:
+        if resumed and me == 0:
             logger.warning("resuming %s: %d utterances already scored", journal.path, resumed)
-        journal.append([{"type": "start", "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                         "batch_size": batch_size, "device": str(torch_device)}])  # fmt: skip
+        if me == 0:
+            journal.append([{"type": "start", "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                             "batch_size": batch_size, "device": str(torch_device), "world_size": world}])  # fmt: skip
         records.append({"type": "start"})
         finished = {(r["model"], r["split"]) for r in records if r.get("type") == "done"}
         for model_id in models:
@@ -301,11 +322,16 @@ def evaluate_models(
             finally:
                 asr.close()
         journal.close()
-        records = journal.read()
-        payload = summarize(records)
-        payload["journal"] = journal.path.name
-        write_json_atomic(output, payload)
-        return payload, output
+        barrier()
+        payload: dict = {}
+        if me == 0:  # rank 0 merges every rank's journal and writes the one JSON
+            payload = summarize(read_run_records(output))
+            payload["journal"] = journal.path.name
+            payload["world_size"] = world
+            if world > 1:
+                payload["rank_journals"] = [rank_journal_path(output, r).name for r in range(1, world)]
+            write_json_atomic(output, payload)
+        return broadcast(payload), output
     except BaseException:
         journal.close()
         if fresh and journal.scored == 0:  # nothing to resume: leave no journal to block the next command

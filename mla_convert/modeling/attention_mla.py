@@ -148,10 +148,14 @@ class MultiHeadLatentAttention(ConvertedAttention):
         if not self.absorbs(query.shape[2], latent.shape[2]):
             return super().attend(query, state, attention_mask, position_embeddings, rotary, **kwargs)
         heads, head_dim = self.num_heads, self.head_dim
+        batch, _, length, _ = query.shape
         query, position_bias = self.content_query_and_bias(query, latent.shape[2], position_embeddings)
-        # W_uk folded into the queries: [B, H, Tq, d] @ [H, d, d_c] (k_up's bias only shifts a
-        # query's scores by a constant, which the softmax ignores)
-        folded = torch.matmul(query, self.k_up.weight.view(heads, head_dim, -1))
+        # W_uk folded into the queries, one matmul per head over all rows ([H, B·Tq, d] @ [H, d, d_c];
+        # a broadcast [B, H, Tq, d] @ [H, d, d_c] would copy the weight for every batch row). k_up's
+        # bias only shifts a query's scores by a constant, which the softmax ignores.
+        rows = query.transpose(0, 1).reshape(heads, batch * length, head_dim)
+        folded = torch.matmul(rows, self.k_up.weight.view(heads, head_dim, -1))
+        folded = folded.view(heads, batch, length, -1).transpose(0, 1)
         summed, weights = self.softmax_attention(
             folded,
             self._key_latent(latent).contiguous(),
@@ -160,8 +164,9 @@ class MultiHeadLatentAttention(ConvertedAttention):
             position_bias,
             **kwargs,
         )
-        # W_uv applied after the weighted sum: [B, H, Tq, d_c] @ [H, d_c, d]
-        output = torch.matmul(summed.transpose(1, 2), self.v_up.weight.view(heads, head_dim, -1).transpose(1, 2))
+        # W_uv applied after the weighted sum: [H, B·Tq, d_c] @ [H, d_c, d], back to [B, Tq, H, d]
+        rows = summed.permute(2, 0, 1, 3).reshape(heads, batch * length, -1)
+        output = torch.matmul(rows, self.v_up.weight.view(heads, head_dim, -1).transpose(1, 2))
         if self.v_up.bias is not None:
             output = output + self.v_up.bias.view(heads, 1, head_dim)
-        return output.transpose(1, 2), weights
+        return output.view(heads, batch, length, head_dim).permute(1, 2, 0, 3), weights

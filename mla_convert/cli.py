@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import logging
 import os
 import re
 import sys
@@ -306,6 +307,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         eval_split=args.eval_split,
         eval_samples=args.eval_samples,
         eval_steps=args.eval_steps,
+        logging_steps=args.logging_steps,
         early_stopping_patience=args.early_stopping_patience,
         gradient_checkpointing=args.gradient_checkpointing,
         precision=args.precision,
@@ -328,6 +330,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    from .distributed import is_main
+
+    if not is_main():  # under a launcher, rank 0 wrote the model and the summary, and pushes
+        return 0
     print(format_summary(summary))
     if args.push_to_hub:
         print(f"pushed to {_push_output(args, 'fine-tuned', training=summary, progress=not args.quiet)}")
@@ -354,6 +360,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    from .distributed import is_main
+
+    if not is_main():
+        return 0
     built = summary["train"]
     print(
         f"trained a {built['size']} {built['family']} ({built['attention']['type']} attention, "
@@ -635,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--eval-split", default="dev-clean")
     ft.add_argument("--eval-samples", type=int, default=100, help="dev utterances scored at each evaluation")
     ft.add_argument("--eval-steps", type=int, default=500, help="evaluate and save every N steps")
+    ft.add_argument("--logging-steps", type=int, default=10, help="log the training loss every N steps")
     ft.add_argument("--early-stopping-patience", type=int, default=3, help="evaluations without improvement (0: off)")
     ft.add_argument("--gradient-checkpointing", action="store_true")
     ft.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
@@ -685,10 +696,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .distributed import is_main
+
+    if not is_main():  # under a launcher, rank 0 tells what the run does; the others only their errors
+        logging.getLogger("mla_convert").setLevel(logging.ERROR)
     debug = bool(getattr(args, "debug", False))
     try:
         _check_inputs(args)
-        return args.handler(args)
+        status = args.handler(args)
+        if status == 0:
+            from .distributed import shutdown
+
+            shutdown()  # under a launcher: every rank finished; leave the process group together
+        return status
     except KeyboardInterrupt:
         print("mla-convert: interrupted; nothing was written", file=sys.stderr)
         return 130

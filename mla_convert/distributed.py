@@ -14,6 +14,7 @@ down on the first failed worker), so a failure never leaves the others waiting i
 from __future__ import annotations
 
 import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported where it is used: the CLI names ranks in errors without it
@@ -63,9 +64,11 @@ def init_process_group(device: torch.device) -> None:
 
 
 def _active() -> bool:
+    if not is_distributed() or "torch" not in sys.modules:  # no group without torch imported
+        return False
     import torch
 
-    return is_distributed() and torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def barrier() -> None:
@@ -95,6 +98,21 @@ def gather(value: Any) -> list[Any]:
     values: list[Any] = [None] * world_size()
     torch.distributed.all_gather_object(values, value)
     return values
+
+
+def sum_over_ranks(value: float) -> float:
+    """The sum of every rank's ``value`` (counters kept per rank: utterances seen, skipped)."""
+    return sum(gather(value))
+
+
+def shutdown() -> None:
+    """Leave the process group once every rank is done: a rank that exits while a peer still holds
+    its connection can make the peer's gloo transport abort at exit."""
+    if _active():
+        import torch
+
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def rank_label() -> str:

@@ -69,6 +69,9 @@ def test_two_ranks_score_each_utterance_once_with_the_one_process_wer_and_hypoth
     for got, want in zip(payload["results"], expected["results"], strict=True):
         assert got["utterances"] == want["utterances"] == 13
         assert got["wer"] == want["wer"] and got["complete"]
+        # ranks decode side by side: the wall time is the busier rank's, the compute is both ranks'
+        assert 0 < got["wall_seconds"] < got["decode_seconds"]
+        assert want["wall_seconds"] == want["decode_seconds"]
     # both ranks did part of the work
     rank1 = [json.loads(line) for line in (tmp_path / "eval.rank1.jsonl").read_text().splitlines()]
     assert 0 < sum(r.get("type") == "utterance" for r in rank1) < 13

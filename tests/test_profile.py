@@ -33,11 +33,9 @@ WHISPER_VARIANTS = {
 }
 
 
-def save_zoo(directory, attention: str, **overrides):
+def save_zoo(directory, attention: str, family: str = "conformer", **overrides):
     processor = build_processor(char_vocabulary([]), [-6.0] * 80, [3.0] * 80, win_length=400, hop_length=160)
-    model = tiny_model(
-        "conformer", attention=ZOO_ATTENTIONS[attention], vocab_size=len(processor.tokenizer), **overrides
-    )
+    model = tiny_model(family, attention=ZOO_ATTENTIONS[attention], vocab_size=len(processor.tokenizer), **overrides)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory

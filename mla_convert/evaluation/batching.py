@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+from ..distributed import is_distributed, rank
 from .model import ASRModel, Transcripts
 from .scoring import score
 
@@ -97,5 +98,7 @@ def utterance_records(
             record["max_new_tokens"] = result.max_new_tokens
         if result.truncated is not None:
             record["truncated"] = bool(result.truncated[index])
+        if is_distributed():  # ranks decode side by side: the split's wall time is the slowest rank's
+            record["rank"] = rank()
         records.append(record)
     return records

@@ -66,7 +66,12 @@ def totals(records: Iterable[dict]) -> dict[str, Any]:
         )
     }
     audio = sum(float(r["duration"]) for r in utterances)
-    wall = sum(float(r["seconds"]) for r in utterances)
+    # records of a launched run name their rank: ranks decode at the same time, so the wall time
+    # is the busiest rank's, and decode_seconds (the compute spent) the sum over ranks
+    per_rank: dict[int, float] = {}
+    for r in utterances:
+        per_rank[int(r.get("rank", 0))] = per_rank.get(int(r.get("rank", 0)), 0.0) + float(r["seconds"])
+    wall = max(per_rank.values(), default=0.0)
     limits = [bool(r["hit_generation_limit"]) for r in utterances if r.get("hit_generation_limit") is not None]
     with_window = [r for r in utterances if "truncated" in r]
     return {
@@ -76,6 +81,7 @@ def totals(records: Iterable[dict]) -> dict[str, Any]:
         "unreadable": sum(1 for r in records if r.get("type") == "unreadable"),
         "audio_seconds": audio,
         "wall_seconds": wall,
+        "decode_seconds": sum(per_rank.values()),
         "real_time_factor": wall / audio if audio else None,
         **summed,
         # seq2seq only (null for CTC): utterances whose generation stopped at max_new_tokens

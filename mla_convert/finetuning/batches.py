@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..data import (
+    AudioDecodeError,
     DataError,
     audio_seconds,
     decode_audio,
@@ -20,6 +21,7 @@ from ..data import (
     is_librispeech_root,
     librispeech,
 )
+from ..distributed import is_distributed, rank, world_size
 from .config import FinetuneConfig, FinetuneError
 
 logger = logging.getLogger(__name__)
@@ -49,7 +51,15 @@ class AudioRows(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
-        return {"id": row["id"], "text": row["text"], "audio": decode_audio(row["audio"], self.sampling_rate)}
+        try:
+            audio = decode_audio(row["audio"], self.sampling_rate)
+        except AudioDecodeError as error:  # found mid-run: one line naming the file, not a traceback
+            name = (row["audio"] or {}).get("path") if isinstance(row["audio"], dict) else row["audio"]
+            raise FinetuneError(
+                f"training data: cannot decode {name or row['id']} ({error}); remove or replace the file, "
+                "then continue with --resume"
+            ) from None
+        return {"id": row["id"], "text": row["text"], "audio": audio}
 
 
 def training_data(config: FinetuneConfig, sampling_rate: int, labelled: bool):
@@ -71,6 +81,17 @@ def training_data(config: FinetuneConfig, sampling_rate: int, labelled: bool):
     if config.max_samples:
         rows = rows[: config.max_samples]
     return AudioRows(rows, sampling_rate), len(rows)
+
+
+def rank_stream(dataset):
+    """This rank's part of a streamed dataset under a launcher (the stream itself without one):
+    :func:`datasets.distributed.split_dataset_by_node` gives each rank whole shards when their
+    count divides by the world size, else every W-th example, so no utterance is read twice."""
+    if not is_distributed():
+        return dataset
+    from datasets.distributed import split_dataset_by_node
+
+    return split_dataset_by_node(dataset, rank=rank(), world_size=world_size())
 
 
 def dev_rows(config: FinetuneConfig, train_rows: list[dict] | None, sampling_rate: int) -> tuple[list[dict], list]:

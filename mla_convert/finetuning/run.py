@@ -15,6 +15,17 @@ import torch
 from torch import nn
 
 from ..data import DataError, local_split_dir, resolve_source, split_overlap
+from ..distributed import (
+    barrier,
+    broadcast,
+    device_for_rank,
+    gather,
+    init_process_group,
+    is_main,
+    rank,
+    sum_over_ranks,
+    world_size,
+)
 from .batches import AudioRows, SpeechCollator, dev_rows, index_rows, training_data
 from .checkpoints import drop_checkpoints_from, last_complete_checkpoint, planned_steps, save_final_model
 from .config import (
@@ -65,19 +76,36 @@ class FinetuneRun:
     def distilling(self) -> bool:
         return self.teacher is not None and (self.config.distill_weight > 0 or self.config.distill_only)
 
+    # Under a launcher each rank counts the utterances of its own batches; rank 0's counters also
+    # hold what a resumed checkpoint had seen, so the run's totals are the sums over ranks.
+
+    def seen_by_all_ranks(self) -> int:
+        """Training utterances seen by every rank together (a collective under a launcher)."""
+        return int(sum_over_ranks(self.samples_seen))
+
     def progress_state(self) -> dict[str, Any]:
+        """What a checkpoint needs besides Trainer's state; every rank calls it (it sums their counters)."""
         return {
-            "samples_seen": self.samples_seen,
+            "samples_seen": self.seen_by_all_ranks(),
             "train_seconds": self.train_seconds + (time.perf_counter() - self._started),
-            "skipped_long": self.collator.skipped_long,
+            "skipped_long": int(sum_over_ranks(self.collator.skipped_long)),
             "dev_history": self.dev_history,
+            "world_size": world_size(),
         }
 
     def restore(self, checkpoint: Path) -> None:
         state = json.loads((checkpoint / PROGRESS_FILE).read_text(encoding="utf-8"))
-        self.samples_seen = int(state["samples_seen"])
+        written_by = int(state.get("world_size", 1))
+        if written_by != world_size():
+            raise FinetuneError(
+                f"--resume with {world_size()} process(es): {checkpoint.name} was written by a run of {written_by}; "
+                "the data order and the global batch follow the number of processes, so resume with the "
+                "original launch command"
+            )
+        first = is_main()
+        self.samples_seen = int(state["samples_seen"]) if first else 0
         self.train_seconds = float(state["train_seconds"])
-        self.collator.skipped_long = int(state.get("skipped_long", 0))
+        self.collator.skipped_long = int(state.get("skipped_long", 0)) if first else 0
         self.dev_history = list(state.get("dev_history", []))
 
     # ---- loss
@@ -141,7 +169,10 @@ class FinetuneRun:
     # ---- model selection
 
     def dev_metrics(self, model: nn.Module, prefix: str = "eval") -> dict[str, float]:
-        """WER of the model being trained on the dev utterances, through the evaluation code path."""
+        """WER of the model being trained on the dev utterances, through the evaluation code path.
+
+        Under a launcher every rank calls it: rank r decodes batches r, r + W, ... of the one-process
+        batching, and the records are gathered, so each rank selects on the same WER."""
         from dataclasses import replace
 
         from ..evaluation import totals, utterance_records
@@ -159,7 +190,8 @@ class FinetuneRun:
         try:
             ordered = sorted(self.dev, key=lambda row: len(row["audio"]))
             size = self.config.eval_batch_size
-            for start in range(0, len(ordered), size):
+            starts = range(0, len(ordered), size)
+            for start in starts[rank() :: world_size()]:
                 batch = ordered[start : start + size]
                 result = asr.transcribe(asr.prepare([row["audio"] for row in batch]))
                 records.extend(utterance_records(asr, batch, result, "dev", 0.0))
@@ -167,12 +199,13 @@ class FinetuneRun:
             if use_cache is not None:
                 model.config.use_cache = use_cache
             model.train(was_training)
+        records = [record for part in gather(records) for record in part]
         summary = totals(records)
         metrics = {f"{prefix}_wer": float(summary["wer"] or 0.0), f"{prefix}_utterances": summary["utterances"]}
         if summary["generation_limit_hits"] is not None:
             metrics[f"{prefix}_generation_limit_hits"] = summary["generation_limit_hits"]
         metrics[f"{prefix}_seconds"] = round(time.perf_counter() - started, 2)
-        self.dev_history.append({"samples_seen": self.samples_seen, "wer": metrics[f"{prefix}_wer"]})
+        self.dev_history.append({"samples_seen": self.seen_by_all_ranks(), "wer": metrics[f"{prefix}_wer"]})
         return metrics
 
 
@@ -276,8 +309,9 @@ def finetune(config: FinetuneConfig, callbacks: Sequence[Any] = ()) -> dict[str,
     # data first: a missing folder or an unreachable Hub is reported before minutes of model loading,
     # and the test data before hours of training
     check_data(config)
-    device = resolve_device(config.device)
+    device = device_for_rank(resolve_device(config.device))  # under a launcher: cuda:LOCAL_RANK
     choose_precision(config.precision, device)
+    init_process_group(device)  # Trainer's accelerate state joins the same group
     with transformers_progress_bars(config.progress):  # --quiet: no loading / shard-writing bars either
         return _finetune(config, device, callbacks)
 
@@ -345,8 +379,11 @@ def _finetune(config: FinetuneConfig, device: torch.device, callbacks: Sequence[
     if teacher is not None and student.kind == "seq2seq":
         run.shared_encoder = _encoders_identical(model, teacher.model)
 
-    checkpoint = last_complete_checkpoint(output / CHECKPOINTS) if config.resume else None
-    if config.resume and (output / TRAINED_FILE).is_file():
+    # every rank has read the run directory before rank 0 writes to it; rank 0's view of it decides
+    barrier()
+    found = last_complete_checkpoint(output / CHECKPOINTS) if config.resume else None
+    checkpoint, finished = broadcast((found, config.resume and (output / TRAINED_FILE).is_file()))
+    if finished:
         trained = json.loads((output / TRAINED_FILE).read_text(encoding="utf-8"))
         logger.warning("--resume: training had finished (%d steps); going on to the evaluation", trained["steps"])
     else:
@@ -355,13 +392,17 @@ def _finetune(config: FinetuneConfig, device: torch.device, callbacks: Sequence[
         if checkpoint is not None:
             run.restore(checkpoint)
             logger.warning("resuming from %s", checkpoint)
-        output.mkdir(parents=True, exist_ok=True)
-        (output / ARGS_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+        if is_main():
+            output.mkdir(parents=True, exist_ok=True)
+            (output / ARGS_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+        barrier()
         trained = _train(run, model, train_dataset, steps, precision, device, checkpoint, callbacks, counts)
         trained = {**trained, "device": describe_device(device), "precision": precision, **counts}
         trained["stopped_early"] = trained["steps"] < steps
-        save_final_model(run, model, student.path, output)
-        (output / TRAINED_FILE).write_text(json.dumps(trained, indent=2))
+        if is_main():  # checkpoints, the model and the results are rank 0's to write
+            save_final_model(run, model, student.path, output)
+            (output / TRAINED_FILE).write_text(json.dumps(trained, indent=2))
+        barrier()  # the final evaluation reads the saved model on every rank
     student.close()
     if teacher is not None:
         teacher.close()
@@ -376,7 +417,7 @@ def _train(run, model, dataset, steps, precision, device, checkpoint, callbacks,
     selecting = bool(run.dev)
     args = training_arguments(config, precision, device, selecting, steps)
     extra = [progress_callback(run), *callbacks]  # progress first: other on_save hooks see a complete checkpoint
-    board = tensorboard_callback(Path(config.output) / "runs")
+    board = tensorboard_callback(Path(config.output) / "runs") if is_main() else None
     if board is not None:
         extra.append(board)
     if selecting and config.early_stopping_patience > 0:
@@ -391,13 +432,16 @@ def _train(run, model, dataset, steps, precision, device, checkpoint, callbacks,
         finetune=run,
     )
     mode = {"fp32": "fp32", "fp16": "fp16 mixed precision", "bf16": "bf16 mixed precision"}[precision]
-    logger.warning(
-        "training %s in %s on %s: %d steps of %d x %d utterances, %s of %s parameters trainable (--freeze %s)%s",
-        run.student.model_id, mode, describe_device(device), steps, config.batch_size, config.grad_accum,
-        f"{counts['trainable_parameters']:,}", f"{counts['total_parameters']:,}", config.freeze,
-        f"; distilling from {config.teacher}" + (" (shared encoder output)" if run.shared_encoder else "")
-        if run.distilling else "",
-    )  # fmt: skip
+    processes = world_size()
+    if is_main():
+        logger.warning(
+            "training %s in %s on %s: %d steps of %d x %d utterances, %s of %s parameters trainable (--freeze %s)%s",
+            run.student.model_id, mode, describe_device(device), steps, config.batch_size * processes,
+            config.grad_accum, f"{counts['trainable_parameters']:,}", f"{counts['total_parameters']:,}",
+            config.freeze,
+            f"; distilling from {config.teacher}" + (" (shared encoder output)" if run.shared_encoder else "")
+            if run.distilling else "",
+        )  # fmt: skip
     checkpoints = Path(config.output) / CHECKPOINTS
     started = time.perf_counter()
     run._started = started
@@ -422,8 +466,9 @@ def _train(run, model, dataset, steps, precision, device, checkpoint, callbacks,
         "train_loss": mean_training_loss(state.log_history, state.global_step, resumed_from, result.training_loss),
         "planned_steps": steps,
         "epochs": round(float(state.epoch or 0.0), 4),
-        "samples_seen": run.samples_seen,
-        "skipped_over_window": run.collator.skipped_long,
+        "world_size": processes,
+        "samples_seen": run.seen_by_all_ranks(),
+        "skipped_over_window": int(sum_over_ranks(run.collator.skipped_long)),
         "train_seconds": round(run.train_seconds + time.perf_counter() - started, 1),
         "best_checkpoint": Path(best).name if best else None,
         "best_dev_wer": state.best_metric,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..distributed import is_main
 from ..io import atomic_file
 from .config import EVALUATION_FILE, SUMMARY_FILE, FinetuneConfig
 
@@ -51,8 +52,9 @@ def evaluate_and_summarise(config: FinetuneConfig, trained: dict[str, Any], size
         "dev_history": trained["dev_history"],
         "losses": trained["losses"],
     }
-    with atomic_file(output / SUMMARY_FILE) as temporary:
-        temporary.write_text(json.dumps(summary, indent=2))
+    if is_main():
+        with atomic_file(output / SUMMARY_FILE) as temporary:
+            temporary.write_text(json.dumps(summary, indent=2))
     return summary
 
 

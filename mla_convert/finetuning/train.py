@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..data import ENV_ROOT, decode_audio, is_librispeech_root
+from ..distributed import barrier, broadcast, device_for_rank, init_process_group, is_main
 from ..frontend import build_processor, char_vocabulary, cmvn_statistics
 from ..io import atomic_file, atomic_output_dir, transformers_progress_bars
 from ..modeling.feature_extraction_conformer import ConformerFeatureExtractor
@@ -159,17 +160,24 @@ def train(
         raise RecipeError(f"{output} already exists; pass --resume to continue that run, or choose another --output")
     check_config(config)
     check_data(config)
+    # under a launcher: every rank has checked the output folder before rank 0 creates it, and
+    # rank 0 alone builds the start model (its CMVN pass reads every training utterance)
+    from ..evaluation import resolve_device
 
-    if resume and initial.is_dir():
+    init_process_group(device_for_rank(resolve_device(config.device)))
+    barrier()
+    if broadcast(resume and initial.is_dir()):
         _check_same_start(recipe, initial)
         info = json.loads((initial / RECIPE_JSON).read_text(encoding="utf-8"))["info"]
-        logger.warning("--resume: reusing %s (its vocabulary and CMVN statistics)", initial)
+        if is_main():
+            logger.warning("--resume: reusing %s (its vocabulary and CMVN statistics)", initial)
     else:
-        info = write_initial(recipe, config, initial, progress)
+        info = broadcast(write_initial(recipe, config, initial, progress) if is_main() else None)
     # a run killed before training started has no finetune_args.json yet: it starts afresh
-    config.resume = resume and (output / ARGS_FILE).is_file()
+    config.resume = broadcast(resume and (output / ARGS_FILE).is_file())
     summary = finetune(config)
     summary["train"] = info
-    with atomic_file(output / SUMMARY_FILE) as temporary:
-        temporary.write_text(json.dumps(summary, indent=2))
+    if is_main():
+        with atomic_file(output / SUMMARY_FILE) as temporary:
+            temporary.write_text(json.dumps(summary, indent=2))
     return summary

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import gather, is_distributed
+from .batches import rank_stream
 from .config import CHECKPOINTS, PROGRESS_FILE, FinetuneConfig, FinetuneError
 
 if TYPE_CHECKING:
@@ -102,9 +104,14 @@ def choose_precision(requested: str, device: torch.device) -> str:
 
 
 def describe_device(device: torch.device) -> str:
+    """``cuda (NAME)`` / ``cpu (N threads)``, and ``x W processes`` under a launcher."""
+    from ..distributed import world_size
+
     if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+        described = f"cuda ({torch.cuda.get_device_name(device)})"
+    else:
+        described = f"cpu ({torch.get_num_threads()} threads)"
+    return described + (f" x {world_size()} processes" if world_size() > 1 else "")
 
 
 # -------------------------------------------------------------------------------------------- trainer
@@ -144,12 +151,33 @@ def trainer_class():
             return (loss, outputs) if return_outputs else loss
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            if "loss" in logs:
-                for name, values in self._parts.items():
-                    logs[name] = float(np.mean(values))
+            if "loss" in logs:  # every rank logs at the same steps: the parts are averaged over ranks
+                gathered = gather(self._parts)
+                for name in self._parts:
+                    logs[name] = float(np.mean([value for part in gathered for value in part.get(name, [])]))
                 self._parts = {}
-                logs["samples_seen"] = self.run.samples_seen
+                logs["samples_seen"] = self.run.seen_by_all_ranks()
             super().log(logs, start_time)
+
+        def get_train_dataloader(self):
+            """A streamed dataset under a launcher: each rank reads only its part of the stream
+            (:func:`datasets.distributed.split_dataset_by_node`: whole shards when their count
+            divides by the world size, else every W-th utterance). accelerate's preparation would
+            shard it a second time, so the rank's loader is built here; Trainer moves batches to
+            the device itself. Map-style datasets go through Trainer (accelerate gives rank r the
+            batches r, r + W, ... of one shuffled order)."""
+            dataset = self.train_dataset
+            if not (is_distributed() and _is_stream(dataset)):
+                return super().get_train_dataloader()
+            from torch.utils.data import DataLoader
+
+            return DataLoader(
+                rank_stream(dataset),
+                batch_size=self._train_batch_size,
+                collate_fn=self.data_collator,
+                num_workers=self.args.dataloader_num_workers,
+                pin_memory=self.args.dataloader_pin_memory,
+            )
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
             metrics = self.run.dev_metrics(self.model, metric_key_prefix)
@@ -160,16 +188,28 @@ def trainer_class():
     return SpeechTrainer
 
 
+def _is_stream(dataset) -> bool:
+    try:
+        from datasets import IterableDataset
+    except ImportError:
+        return False
+    return isinstance(dataset, IterableDataset)
+
+
 def progress_callback(run: FinetuneRun):
     """Writes the run's own progress into each checkpoint as soon as Trainer has saved it (the
-    first ``on_save`` callback): a checkpoint without that file is incomplete."""
+    first ``on_save`` callback): a checkpoint without that file is incomplete. Under a launcher
+    every rank reaches ``on_save`` after writing its part (its RNG state); the counters are summed
+    over ranks there, and rank 0 then writes the file, so a checkpoint is complete only when every
+    rank's part is in it."""
     from transformers import TrainerCallback
 
     class ProgressCallback(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
+            progress = run.progress_state()  # a collective: every rank calls it
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                (folder / PROGRESS_FILE).write_text(json.dumps(run.progress_state(), indent=2))
+            if state.is_world_process_zero and folder.is_dir():
+                (folder / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
             return control
 
     return ProgressCallback()
@@ -217,6 +257,7 @@ def training_arguments(config: FinetuneConfig, precision: str, device: torch.dev
         seed=config.seed,
         data_seed=config.seed,
         disable_tqdm=not config.progress,
+        log_level_replica="error",  # under a launcher: Trainer's warnings from rank 0 only
         restore_callback_states_from_checkpoint=True,
     )
 

@@ -13,8 +13,10 @@ down on the first failed worker), so a failure never leaves the others waiting i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported where it is used: the CLI names ranks in errors without it
@@ -113,6 +115,35 @@ def shutdown() -> None:
 
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def is_sharded(module: Any) -> bool:
+    """Whether ``module``'s parameters are split across ranks by FSDP (``fully_shard`` or the FSDP1
+    wrapper): its forward is then a collective, so every rank must call it equally often."""
+    if not _active():
+        return False
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return isinstance(module, (FSDPModule, FullyShardedDataParallel))
+
+
+@contextlib.contextmanager
+def own_class(module: Any) -> Iterator[None]:
+    """``module`` seen as its own class while it is saved. FSDP2's ``fully_shard`` swaps a model's
+    class for a generated ``FSDP<Name>`` subclass defined in torch, and ``save_pretrained`` copies
+    the source files of the class's module beside a remote-code model's weights (it would copy
+    torch's instead of the model's). Nothing runs forward inside this block."""
+    if not is_sharded(module):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = type(module)
+    module.__class__ = next(cls for cls in sharded.__mro__[1:] if not issubclass(cls, FSDPModule))
+    try:
+        yield
+    finally:
+        module.__class__ = sharded
 
 
 def rank_label() -> str:

@@ -19,6 +19,7 @@ import pytest
 from conftest import LIBRISPEECH, needs_librispeech
 from safetensors.torch import load_file
 from test_distributed import torchrun
+from test_finetune import tiny_seq2seq_student  # noqa: F401  (a fixture)
 from test_profile import save_zoo
 
 from mla_convert.cli import main
@@ -156,6 +157,111 @@ def test_a_rank_killed_mid_run_resumes_on_every_rank_without_losing_or_repeating
     assert largest_difference(output, two_ranks) < 1e-6
 
 
+# accelerate turns FSDP on only for accelerator back ends: on a CPU it silently runs DDP. This lifts
+# that one gate, so that the shipped FSDP config runs its real path here (accelerate's FSDP2
+# preparation, Trainer's FSDP checkpoints and resume) with gloo collectives; and kills rank 1 as it
+# starts step KILL_AT_STEP when that is set
+FSDP_ON_CPU = """
+import os
+
+from accelerate import state
+from accelerate.utils import DistributedType
+
+original_init = state.AcceleratorState.__init__
+
+
+def __init__(self, *args, **kwargs):
+    original_init(self, *args, **kwargs)
+    plugin = kwargs.get("fsdp_plugin")
+    if self.distributed_type == DistributedType.MULTI_CPU and plugin is not None:
+        self.distributed_type = state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        self.fsdp_plugin = plugin
+
+
+state.AcceleratorState.__init__ = __init__
+
+if os.environ.get("RANK") == "1" and os.environ.get("KILL_AT_STEP"):
+    import signal
+
+    import transformers
+
+    original_step = transformers.Trainer.training_step
+
+    def training_step(self, *args, **kwargs):
+        if self.state.global_step == int(os.environ["KILL_AT_STEP"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original_step(self, *args, **kwargs)
+
+    transformers.Trainer.training_step = training_step
+"""
+
+
+def fsdp_launch(args: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 -m mla_convert.cli ARGS``."""
+    (cwd / "inject").mkdir(exist_ok=True)
+    (cwd / "inject" / "sitecustomize.py").write_text(FSDP_ON_CPU)
+    config = Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp.yaml"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+               "--num_processes", "2", "-m", "mla_convert.cli", *args]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(cwd / "inject"),
+           **(extra_env or {})}  # fmt: skip
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_fsdp_through_the_shipped_config_trains_like_ddp_resumes_after_a_kill_and_saves_a_whole_model(
+    model, two_ranks, tmp_path
+):
+    output = tmp_path / "run"
+    args = finetune_args(model, output, batch_size=2)
+    killed = fsdp_launch(args, tmp_path, {"KILL_AT_STEP": "3"})
+    assert killed.returncode != 0
+    checkpoint = last_complete_checkpoint(output / "checkpoints")
+    assert checkpoint.name == "checkpoint-2"
+    assert (checkpoint / "pytorch_model_fsdp.bin").is_file()  # Trainer's FSDP state: the model was sharded
+    assert not (two_ranks / "checkpoints" / "checkpoint-2" / "pytorch_model_fsdp.bin").exists()
+    assert not (output / "model.safetensors").exists()
+
+    resumed = fsdp_launch([*args, "--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary, reference = summary_of(output), summary_of(two_ranks)
+    assert summary["world_size"] == 2
+    losses = step_losses(summary)
+    assert sorted(losses) == list(range(1, STEPS + 1))  # every step once, as DDP computed it
+    for step, loss in step_losses(reference).items():
+        assert losses[step] == pytest.approx(loss, rel=1e-5)
+    assert summary["dev_history"] == reference["dev_history"]  # dev WER decoded by both ranks
+    # the whole model, gathered from the shards (reduce-scatter sums in another order than all-reduce)
+    assert largest_difference(output, two_ranks) < 1e-5
+    # saved as its own class with its own source files (not torch's FSDP wrapper's)
+    assert json.loads((output / "config.json").read_text())["architectures"] == ["BranchformerForCTC"]
+    assert (output / "modeling_branchformer.py").is_file() and not list(output.glob("_fsdp*.py"))
+    assert (checkpoint / "modeling_branchformer.py").is_file() and not list(checkpoint.glob("_fsdp*.py"))
+
+
+def test_fsdp_fine_tunes_a_converted_whisper_like_ddp_and_saves_its_tied_weights_once(
+    tiny_seq2seq_student,  # noqa: F811  (the fixture imported above)
+    tmp_path,
+):
+    student, _ = tiny_seq2seq_student
+    # the reference is DDP, not one process: a seq2seq loss is a mean over each batch's tokens
+    ddp = torchrun(finetune_args(student, tmp_path / "ddp", batch_size=2), tmp_path)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    result = fsdp_launch(finetune_args(student, tmp_path / "fsdp", batch_size=2), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference, sharded = summary_of(tmp_path / "ddp"), summary_of(tmp_path / "fsdp")
+    for step, loss in step_losses(reference).items():
+        assert step_losses(sharded)[step] == pytest.approx(loss, rel=1e-5)
+    # dev WER by generate() on both ranks, their decoder steps in lockstep (rank 1 has no dev
+    # batch of its own and decodes one again without counting it)
+    assert sharded["dev_history"] == reference["dev_history"]
+    # the output projection tied to the token embedding is stored once, and tied again on loading
+    assert (
+        load_file(tmp_path / "fsdp" / "model.safetensors").keys()
+        == load_file(tmp_path / "ddp" / "model.safetensors").keys()
+    )
+    assert largest_difference(tmp_path / "fsdp", tmp_path / "ddp") < 1e-5
+
+
 def test_a_rank_that_cannot_read_its_audio_stops_every_rank_with_one_line(model, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(LIBRISPEECH / "dev-clean", data / "dev-clean")
@@ -189,13 +295,19 @@ def test_train_from_a_recipe_runs_under_the_launcher_and_evaluates_on_both_ranks
     assert (output / "evaluation.rank1.jsonl").is_file()
 
 
-@pytest.mark.parametrize(("name", "machines"), [("one_node", 1), ("two_nodes", 2)])
-def test_the_shipped_accelerate_configs_are_valid_ddp_configs(name, machines):
+@pytest.mark.parametrize(("name", "kind", "machines"), [("one_node", "MULTI_GPU", 1), ("two_nodes", "MULTI_GPU", 2),
+                                                   ("fsdp", "FSDP", 1)])  # fmt: skip
+def test_the_shipped_accelerate_configs_are_valid_configs(name, kind, machines):
     from accelerate.commands.config.config_args import ClusterConfig
     from accelerate.utils import DistributedType
 
     config = ClusterConfig.from_yaml_file(Path(__file__).parents[1] / "configs" / "accelerate" / f"{name}.yaml")
-    assert config.distributed_type == DistributedType.MULTI_GPU and config.num_machines == machines
+    assert config.distributed_type == DistributedType[kind] and config.num_machines == machines
+    if kind == "FSDP":  # FSDP2, one unit per layer named by the model itself, a whole model on save
+        assert config.fsdp_config["fsdp_version"] == 2
+        assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        assert "fsdp_transformer_layer_cls_to_wrap" not in config.fsdp_config
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
     assert config.mixed_precision == "no"  # finetune's --precision decides
     assert config.num_processes % machines == 0
     if machines > 1:

@@ -256,3 +256,37 @@ def test_saved_models_reload_without_mla_convert_and_run_in_a_pipeline(tmp_path,
     for name in expected:
         assert result[name]["error"] <= 1e-6, result
         assert result[name]["text"]
+
+
+def _fsdp_units(model: torch.nn.Module) -> dict[str, int]:
+    """What accelerate's FSDP ``TRANSFORMER_BASED_WRAP`` (no layer class named) makes one unit each:
+    the modules of the classes in ``_no_split_modules``; and the input module it shards apart."""
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    units = {}
+    for name in model._no_split_modules:
+        cls = get_module_class_from_name(model, name)
+        assert cls is not None, f"{name} is not a module of {type(model).__name__}"
+        units[name] = sum(isinstance(module, cls) for module in model.modules())
+    assert isinstance(model.get_input_embeddings(), torch.nn.Module)
+    return units
+
+
+def test_fsdp_shards_every_zoo_model_and_converted_host_layer_by_layer(tmp_path):
+    from conftest import tiny_conformer
+    from test_paraformer import tiny_paraformer
+    from transformers import AutoModelForCTC
+
+    for family, layer in (("conformer", "ConformerLayer"), ("branchformer", "BranchformerLayer")):
+        model = tiny_model(family)
+        assert _fsdp_units(model) == {layer: 2}
+        assert model.get_input_embeddings() is model.encoder.embed  # the subsampling front end
+    paraformer = tiny_paraformer()
+    assert _fsdp_units(paraformer) == {"ConformerLayer": 2, "ParaformerDecoderLayer": 2}
+    assert paraformer.get_input_embeddings() is paraformer.model.decoder.embed_tokens
+    model = tiny_conformer()
+    mla_convert.convert(model, MLASpec(latent_dim=16))
+    model.save_pretrained(tmp_path)  # what finetune loads: the converted class
+    converted = AutoModelForCTC.from_pretrained(tmp_path, trust_remote_code=True)
+    assert _fsdp_units(converted) == {"Wav2Vec2ConformerEncoderLayer": 2}
+    assert converted.get_input_embeddings() is converted.wav2vec2_conformer.feature_projection

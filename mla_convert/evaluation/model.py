@@ -180,9 +180,13 @@ class ASRModel:
 
     def _generate(self, inputs: dict[str, Any], max_seconds: float) -> Transcripts:
         """Greedy ``generate()`` on the batch's inputs (``input_features`` for Whisper), as any user calls it."""
+        from ..distributed import is_sharded
+
         max_new = self.max_new_tokens(max_seconds)
+        # an FSDP-sharded model (dev WER during FSDP training): every rank runs the same decoder steps
+        synced = {"synced_gpus": True} if is_sharded(self.model) else {}
         with quiet_transformers():
-            sequences = self.model.generate(**inputs, max_new_tokens=max_new, num_beams=1, do_sample=False)
+            sequences = self.model.generate(**inputs, max_new_tokens=max_new, num_beams=1, do_sample=False, **synced)
         if not isinstance(sequences, torch.Tensor):
             sequences = sequences["sequences"]
         sequences = sequences.cpu()

@@ -7,8 +7,10 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
+from ..distributed import own_class
 from ..io import atomic_files_into
 from .config import PROGRESS_FILE, FinetuneConfig
 
@@ -49,17 +51,35 @@ def drop_checkpoints_from(checkpoints: Path, step: int) -> list[str]:
     return removed
 
 
-def save_final_model(run: FinetuneRun, model: nn.Module, model_path: str, output: Path) -> None:
-    """Model + processor into ``output`` (beside checkpoints/ and runs/), staged then moved in."""
+def save_final_model(
+    run: FinetuneRun, model: nn.Module, model_path: str, output: Path, weights: dict[str, Tensor] | None = None
+) -> None:
+    """Model + processor into ``output`` (beside checkpoints/ and runs/), staged then moved in.
+    ``weights``: the full state dict gathered from an FSDP-sharded ``model`` (else its own)."""
     from ..checkpoint import save_processor
 
     with atomic_files_into(output) as staging:
         if getattr(model.config, "use_cache", None) is False:
             model.config.use_cache = True
-        model.save_pretrained(staging)
+        with own_class(model):
+            model.save_pretrained(staging, state_dict=_without_tied_copies(model, weights))
         if not save_processor(model_path, staging):
             run.student.feature_extractor.save_pretrained(staging)
             run.student.tokenizer.save_pretrained(staging)
         report = Path(model_path) / "conversion_report.json"
         if report.is_file():
             shutil.copy2(report, staging / report.name)
+
+
+def _without_tied_copies(model: nn.Module, weights: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+    """A state dict gathered from FSDP shards holds a tied weight (Whisper's ``proj_out`` and its
+    token embedding) twice, as separate tensors; the copy is dropped, as ``save_pretrained`` drops
+    it from a model whose parameters are shared."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    if not weights or not tied:
+        return weights
+    return {
+        name: value
+        for name, value in weights.items()
+        if not (name in tied and tied[name] in weights and torch.equal(value, weights[tied[name]]))
+    }

@@ -172,7 +172,9 @@ class FinetuneRun:
         """WER of the model being trained on the dev utterances, through the evaluation code path.
 
         Under a launcher every rank calls it: rank r decodes batches r, r + W, ... of the one-process
-        batching, and the records are gathered, so each rank selects on the same WER."""
+        batching, and the records are gathered, so each rank selects on the same WER. Each rank runs
+        the same number of batches (an FSDP-sharded forward is a collective): a rank left without
+        one decodes a batch again and drops its records."""
         from dataclasses import replace
 
         from ..evaluation import totals, utterance_records
@@ -191,10 +193,13 @@ class FinetuneRun:
             ordered = sorted(self.dev, key=lambda row: len(row["audio"]))
             size = self.config.eval_batch_size
             starts = range(0, len(ordered), size)
-            for start in starts[rank() :: world_size()]:
+            mine = starts[rank() :: world_size()]
+            for turn in range(math.ceil(len(starts) / world_size())):
+                start = mine[turn] if turn < len(mine) else starts[0]
                 batch = ordered[start : start + size]
                 result = asr.transcribe(asr.prepare([row["audio"] for row in batch]))
-                records.extend(utterance_records(asr, batch, result, "dev", 0.0))
+                if turn < len(mine):
+                    records.extend(utterance_records(asr, batch, result, "dev", 0.0))
         finally:
             if use_cache is not None:
                 model.config.use_cache = use_cache
@@ -396,11 +401,11 @@ def _finetune(config: FinetuneConfig, device: torch.device, callbacks: Sequence[
             output.mkdir(parents=True, exist_ok=True)
             (output / ARGS_FILE).write_text(json.dumps(config.to_dict(), indent=2))
         barrier()
-        trained = _train(run, model, train_dataset, steps, precision, device, checkpoint, callbacks, counts)
+        trained, weights = _train(run, model, train_dataset, steps, precision, device, checkpoint, callbacks, counts)
         trained = {**trained, "device": describe_device(device), "precision": precision, **counts}
         trained["stopped_early"] = trained["steps"] < steps
         if is_main():  # checkpoints, the model and the results are rank 0's to write
-            save_final_model(run, model, student.path, output)
+            save_final_model(run, model, student.path, output, weights)
             (output / TRAINED_FILE).write_text(json.dumps(trained, indent=2))
         barrier()  # the final evaluation reads the saved model on every rank
     student.close()
@@ -409,7 +414,12 @@ def _finetune(config: FinetuneConfig, device: torch.device, callbacks: Sequence[
     return evaluate_and_summarise(config, trained, size)
 
 
-def _train(run, model, dataset, steps, precision, device, checkpoint, callbacks, counts) -> dict[str, Any]:
+def _train(
+    run, model, dataset, steps, precision, device, checkpoint, callbacks, counts
+) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """Train with Trainer; ``(what was trained, the full weights)``. The weights are None unless
+    FSDP split them across ranks: then every rank takes part in gathering them and rank 0 holds
+    the whole state dict (the other ranks an empty one)."""
     from transformers import EarlyStoppingCallback, set_seed
 
     config = run.config
@@ -457,10 +467,11 @@ def _train(run, model, dataset, steps, precision, device, checkpoint, callbacks,
         ) from None
     if board is not None and board.tb_writer is not None:
         board.tb_writer.close()
+    weights = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
     state = trainer.state
     best = state.best_model_checkpoint
     resumed_from = int(checkpoint.name.removeprefix("checkpoint-")) if checkpoint else 0
-    return {
+    trained = {
         "steps": state.global_step,
         # Trainer's own train_loss covers only the steps of this process (after a resume: the resumed ones)
         "train_loss": mean_training_loss(state.log_history, state.global_step, resumed_from, result.training_loss),
@@ -480,6 +491,7 @@ def _train(run, model, dataset, steps, precision, device, checkpoint, callbacks,
             if "loss" in entry
         ],
     }
+    return trained, weights
 
 
 def mean_training_loss(

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import gather, is_distributed
+from ..distributed import gather, is_distributed, own_class
 from .batches import rank_stream
 from .config import CHECKPOINTS, PROGRESS_FILE, FinetuneConfig, FinetuneError
 
@@ -178,6 +178,12 @@ def trainer_class():
                 num_workers=self.args.dataloader_num_workers,
                 pin_memory=self.args.dataloader_pin_memory,
             )
+
+        def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+            """Checkpoints of an FSDP-sharded model carry the model's own source files (see
+            :func:`~mla_convert.distributed.own_class`)."""
+            with own_class(self.model):
+                super().save_model(output_dir, _internal_call)
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
             metrics = self.run.dev_metrics(self.model, metric_key_prefix)

@@ -145,11 +145,13 @@ class BranchformerLayer(nn.Module):
 class BranchformerModel(SpeechEncoderModel):
     config_class = BranchformerConfig
     layer_class = BranchformerLayer
+    _no_split_modules = ["BranchformerLayer"]  # FSDP / device_map: one unit per layer
 
 
 class BranchformerForCTC(SpeechEncoderForCTC):
     config_class = BranchformerConfig
     model_class = BranchformerModel
+    _no_split_modules = ["BranchformerLayer"]
 
 
 BranchformerModel.register_for_auto_class("AutoModel")

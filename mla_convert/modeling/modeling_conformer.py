@@ -98,11 +98,13 @@ class ConformerLayer(nn.Module):
 class ConformerModel(SpeechEncoderModel):
     config_class = ConformerConfig
     layer_class = ConformerLayer
+    _no_split_modules = ["ConformerLayer"]  # FSDP / device_map: one unit per layer
 
 
 class ConformerForCTC(SpeechEncoderForCTC):
     config_class = ConformerConfig
     model_class = ConformerModel
+    _no_split_modules = ["ConformerLayer"]
 
 
 ConformerModel.register_for_auto_class("AutoModel")

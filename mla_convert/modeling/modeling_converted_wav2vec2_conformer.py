@@ -67,10 +67,16 @@ def apply_attention_conversion(base_model: nn.Module, config) -> None:
 
 class _ConvertedAttentionMixin:
     config_class = ConvertedWav2Vec2ConformerConfig
+    _no_split_modules = ["Wav2Vec2ConformerEncoderLayer"]  # FSDP / device_map: one unit per layer
 
     def __init__(self, config) -> None:
         super().__init__(config)
         apply_attention_conversion(self.base_model, config)
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The projection of the convolutional features into the encoder's width (wav2vec2 has no
+        token embedding; accelerate's FSDP2 asks every model for one)."""
+        return self.base_model.feature_projection
 
 
 class ConvertedWav2Vec2ConformerModel(_ConvertedAttentionMixin, Wav2Vec2ConformerModel):

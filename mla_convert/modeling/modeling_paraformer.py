@@ -237,6 +237,7 @@ class ParaformerOutput(ModelOutput):
 class ParaformerPreTrainedModel(SpeechEncoderPreTrainedModel):
     config_class = ParaformerConfig
     base_model_prefix = "model"
+    _no_split_modules = ["ConformerLayer", "ParaformerDecoderLayer"]  # FSDP / device_map: one unit per layer
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -255,6 +256,10 @@ class ParaformerModel(ParaformerPreTrainedModel):
         self.predictor = CifPredictor(config)
         self.decoder = ParaformerDecoder(config)
         self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The decoder's token embedding (as in HF encoder-decoder models)."""
+        return self.decoder.embed_tokens
 
     def encode(
         self, input_features: torch.Tensor, attention_mask: torch.Tensor | None

@@ -308,6 +308,11 @@ class SpeechEncoderModel(SpeechEncoderPreTrainedModel):
         self.after_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The convolutional subsampling that turns feature frames into hidden states (the model
+        has no token embedding; accelerate's FSDP2 shards this as a unit of its own)."""
+        return self.embed
+
     def embed_inputs(self, input_features: torch.Tensor, attention_mask: torch.Tensor | None) -> EncoderInputs:
         frames = input_features.shape[1]
         if frames < self.embed.minimum_frames:
